@@ -1,0 +1,77 @@
+"""Caption images: `python -m captioner.caption kitten.jpg photos/ ckpt_path=... beam_size=3`.
+
+Arguments without `=` are image files or folders; the others are overrides of conf/caption.yaml.
+Prints `path<TAB>caption` per image (with n_best > 1: each caption followed by its probability), or writes JSON
+with `output=`. Unreadable files are reported one line each and skipped; the exit status is then 1.
+"""
+import json
+import sys
+from pathlib import Path
+
+from captioner.cli import compose_config, one_line_errors
+from captioner.inference import IMAGE_SUFFIXES, Captioner, open_image
+from captioner.utils import CaptionerError, atomic_write_text
+
+
+def expand(paths):
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        else:
+            files.append(p)
+    return files
+
+
+def decode_options(cfg) -> dict:
+    return dict(beam_size=cfg.beam_size, max_len=cfg.max_len, n_best=cfg.n_best, length_penalty=cfg.length_penalty,
+                temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
+
+
+def caption_files(captioner: Captioner, files, batch_size=64, **decode):
+    """Yields (path, [(caption, probability), ...] or None, error message)."""
+    for start in range(0, len(files), batch_size):
+        images, ok = [], []
+        for f in files[start:start + batch_size]:
+            try:
+                images.append(open_image(f))
+                ok.append(f)
+            except Exception as e:  # any unreadable file: report it and go on with the rest
+                yield f, None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        if images:
+            for f, caps in zip(ok, captioner.caption(images, **decode)):
+                yield f, caps, None
+
+
+@one_line_errors
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    paths = [a for a in argv if "=" not in a]
+    cfg = compose_config("caption", [a for a in argv if "=" in a])
+    if not paths:
+        raise CaptionerError("no images given; usage: python -m captioner.caption IMAGE_OR_FOLDER ... [key=value ...]")
+    files = expand(paths)
+    if not files:
+        raise CaptionerError(f"no image files found in {', '.join(paths)}.")
+    captioner = Captioner(cfg.ckpt_path, cfg.device)
+    results, failed = [], 0
+    for path, caps, error in caption_files(captioner, files, cfg.batch_size, **decode_options(cfg)):
+        if error:
+            failed += 1
+            print(f"{path}\terror: {error}", file=sys.stderr)
+            continue
+        results.append({"path": str(path), "captions": [{"caption": c, "probability": p} for c, p in caps]})
+        if not cfg.output:
+            if cfg.n_best > 1 and cfg.temperature is None:
+                print(f"{path}\t" + "\t".join(f"{c}\t{p:.4f}" for c, p in caps))
+            else:
+                print(f"{path}\t{caps[0][0]}")
+    if cfg.output:
+        atomic_write_text(cfg.output, json.dumps({"checkpoint": str(captioner.ckpt_path), "results": results}, indent=1))
+        print(f"Wrote {len(results)} captions to {cfg.output}", file=sys.stderr)
+    if failed:
+        sys.exit(f"{failed} of {len(files)} images could not be read.")
+
+
+if __name__ == "__main__":
+    main()

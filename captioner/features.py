@@ -1,0 +1,132 @@
+"""Image features: run the frozen CNN once over every image of a split and cache the result on disk.
+
+Cache layout (one folder per dataset split + encoder + preprocessing, so a changed setting never reuses it):
+    <cache_dir>/features/<key>/features.npy   float16 (n_images, dim), memory-mapped when read
+    <cache_dir>/features/<key>/image_ids.npy  int64, the row order
+    <cache_dir>/features/<key>/meta.json      what produced it
+    <cache_dir>/features/<key>/skipped.txt    unreadable images, one per line with the reason
+The folder is written under a temporary name and renamed when complete.
+"""
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from captioner.coco import CaptionSplit
+from captioner.encoders import build_encoder, preprocessing
+from captioner.utils import CaptionerError, cache_key, file_fingerprint
+
+log = logging.getLogger(__name__)
+MAX_WARNINGS = 20
+
+
+class ImageFiles(Dataset):
+    def __init__(self, paths, transform, image_size):
+        self.paths, self.transform = paths, transform
+        self.blank = (3, image_size, image_size)  # stands in for an unreadable image; its row is dropped
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as im:
+                # convert covers RGBA, grayscale, palette and CMYK alike
+                return self.transform(im.convert("RGB")), i, ""
+        except Exception as e:  # any undecodable file is skipped, not fatal
+            return torch.zeros(self.blank), i, f"{type(e).__name__}: {e}"
+
+
+def preprocess_spec(encoder_cfg, image_size=None) -> dict:
+    """Everything needed to turn an image into encoder input; saved with features and in checkpoints."""
+    return {"encoder": encoder_cfg.name,
+            "weights": str(encoder_cfg.weights) if encoder_cfg.get("weights") else "default",
+            "image_size": int(image_size or encoder_cfg.image_size),
+            "mean": [float(x) for x in encoder_cfg.mean], "std": [float(x) for x in encoder_cfg.std]}
+
+
+def feature_dir(cache_dir, split: CaptionSplit, spec: dict) -> Path:
+    key = cache_key({"spec": spec, "annotations": file_fingerprint(split.annotation_file),
+                     "images": str(split.image_dir.resolve()), "split": split.name})
+    return Path(cache_dir) / "features" / f"{split.name}-{spec['encoder']}-{key}"
+
+
+def load_features(folder: Path):
+    """(features memmap float16 [n, dim], image_ids int64 [n])."""
+    return np.load(folder / "features.npy", mmap_mode="r"), np.load(folder / "image_ids.npy")
+
+
+def extract_split(split: CaptionSplit, encoder_cfg, cache_dir, image_size=None, batch_size=64,
+                  num_workers=2, device=None, encoder=None) -> Path:
+    """Extract (or find cached) features for one split; returns the cache folder."""
+    spec = preprocess_spec(encoder_cfg, image_size)
+    out = feature_dir(cache_dir, split, spec)
+    if (out / "meta.json").exists():
+        return out
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    log.info("Extracting %s features for %d images of %s into %s", spec["encoder"], len(split.image_ids),
+             split.image_dir, out)
+    encoder = (encoder or build_encoder(encoder_cfg)).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        encoder = encoder.to(memory_format=torch.channels_last)
+    files = ImageFiles([split.image_dir / f for f in split.files],
+                       preprocessing(spec["image_size"], spec["mean"], spec["std"]), spec["image_size"])
+    loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda,
+                        persistent_workers=False)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    feats = None
+    failures = []
+    start = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=len(files), desc=f"features {split.name}", unit="img") as bar:
+        for x, idx, err in loader:
+            x = x.to(device, non_blocking=True)
+            if cuda:
+                x = x.to(memory_format=torch.channels_last)
+            with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
+                y = encoder(x).float()
+            if feats is None:
+                feats = np.lib.format.open_memmap(tmp / "all.npy", "w+", np.float16, (len(files), y.shape[1]))
+            feats[idx.numpy()] = y.cpu().numpy().astype(np.float16)
+            for i, e in zip(idx.tolist(), err):
+                if e:
+                    failures.append((i, e))
+                    if len(failures) <= MAX_WARNINGS:
+                        log.warning("Skipping unreadable image %s (%s)", files.paths[i], e)
+            bar.update(len(idx))
+    bad = {i for i, _ in failures}
+    keep = np.array([i for i in range(len(files)) if i not in bad], dtype=np.int64)
+    if len(keep) == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CaptionerError(f"No image in {split.image_dir} could be read; expected image files named as in "
+                             f"{split.annotation_file}.")
+    if failures:
+        log.warning("%d of %d images of %s could not be read; list in %s", len(failures), len(files),
+                    split.name, out / "skipped.txt")
+        (tmp / "skipped.txt").write_text("".join(f"{files.paths[i]}\t{e}\n" for i, e in failures))
+        np.save(tmp / "features.npy", np.asarray(feats[keep]))
+        del feats
+        (tmp / "all.npy").unlink()
+    else:
+        feats.flush()
+        del feats
+        (tmp / "all.npy").rename(tmp / "features.npy")
+    np.save(tmp / "image_ids.npy", np.asarray(split.image_ids, dtype=np.int64)[keep])
+    elapsed = time.perf_counter() - start
+    meta = dict(spec, split=split.name, annotations=str(split.annotation_file), images=str(split.image_dir),
+                n_images=int(len(keep)), skipped=len(failures), seconds=round(elapsed, 2),
+                images_per_s=round(len(files) / elapsed, 1))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,94 @@
+"""A trained captioner ready to use: checkpoint -> encoder, preprocessing, vocabulary, decoder.
+
+Shared by `captioner.caption`, `captioner.evaluate` and `captioner.serve`. Only the checkpoint is needed:
+everything else (encoder name, weights, image size, normalisation, vocabulary, word vectors) is inside it.
+"""
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from captioner.decoding import beam_search, sample
+from captioner.encoders import build_encoder, preprocessing
+from captioner.module import CaptionModule
+from captioner.utils import CaptionerError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def resolve_checkpoint(ckpt_path, search_root="outputs") -> Path:
+    """`last` means the newest last.ckpt under `search_root`; anything else must be an existing file."""
+    if ckpt_path in (None, "", "last"):
+        found = sorted(Path(search_root).glob("**/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise CaptionerError(f"ckpt_path=last: no last.ckpt under {search_root}/; train one with "
+                                 f"`python -m captioner.run` or pass ckpt_path=<file>.")
+        return found[-1]
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise CaptionerError(f"ckpt_path={ckpt_path} does not exist; expected a .ckpt file from captioner.run.")
+    return path
+
+
+def pick_device(device="auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Captioner:
+    def __init__(self, ckpt_path, device="auto"):
+        self.ckpt_path = resolve_checkpoint(ckpt_path)
+        self.device = pick_device(device)
+        try:
+            self.module = CaptionModule.load_from_checkpoint(self.ckpt_path, map_location=self.device,
+                                                             weights_only=False)
+        except (KeyError, RuntimeError, TypeError) as e:
+            raise CaptionerError(f"{self.ckpt_path} is not a captioner checkpoint ({type(e).__name__}).") from None
+        self.module.eval()
+        self.model, self.vocab = self.module.model, self.module.vocab
+        pre = self.preprocess = dict(self.module.hparams.preprocess)
+        weights = None if pre["weights"] == "default" else pre["weights"]
+        self.encoder = build_encoder(OmegaConf.create({"name": pre["encoder"], "weights": weights})).to(self.device)
+        self.transform = preprocessing(pre["image_size"], pre["mean"], pre["std"])
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    @property
+    def info(self) -> dict:
+        hp = self.module.hparams
+        return {"checkpoint": str(self.ckpt_path), "encoder": self.preprocess["encoder"],
+                "image_size": self.preprocess["image_size"], "rnn_type": hp.rnn_type, "hidden_size": hp.hidden_size,
+                "num_layers": hp.num_layers, "vocabulary": len(self.vocab), "embeddings": hp.embeddings.get("name")}
+
+    @torch.no_grad()
+    def features(self, images) -> torch.Tensor:
+        """PIL images (any mode) -> encoder features [n, dim]."""
+        x = torch.stack([self.transform(im.convert("RGB")) for im in images]).to(self.device)
+        with torch.autocast(**self.autocast):
+            return self.encoder(x).float()
+
+    @torch.no_grad()
+    def caption_features(self, features, beam_size=3, max_len=20, n_best=1, length_penalty=0.0,
+                         temperature=None, top_k=0, seed=None):
+        """-> one list of (caption, probability) per image; probabilities are normalised over that list.
+        With `temperature` set, samples instead of beam search (one caption per image)."""
+        features = features.to(self.device)
+        with torch.autocast(**self.autocast):
+            if temperature is not None:
+                g = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
+                tokens, _ = sample(self.model, features, max_len, temperature, top_k, g)
+                return [[(self.vocab.decode(t.tolist()), 1.0)] for t in tokens]
+            tokens, _, probs = beam_search(self.model, features, beam_size, max_len, length_penalty, n_best)
+        tokens, probs = tokens.cpu().tolist(), probs.cpu().tolist()
+        return [[(self.vocab.decode(t), p) for t, p in zip(ts, ps)] for ts, ps in zip(tokens, probs)]
+
+    def caption(self, images, **decode):
+        return self.caption_features(self.features(images), **decode)
+
+
+def open_image(path) -> Image.Image:
+    """Load an image fully (so errors surface here, not later), converted to RGB."""
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")

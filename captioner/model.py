@@ -1,0 +1,56 @@
+"""Show and Tell: image features -> Linear -> ReLU -> initial RNN hidden state; words in, next-word scores out."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+RNNS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
+class WordEmbedding(nn.Module):
+    """Word vectors, optionally initialised from a pretrained matrix.
+
+    With `freeze`, rows that have a pretrained vector (`has_vector`) stay fixed and only the others (special
+    tokens, words without a vector) are learned; without it, every row is fine-tuned.
+    """
+
+    def __init__(self, num_words: int, dim: int, freeze=False, pretrained=None, has_vector=None):
+        super().__init__()
+        self.frozen = freeze
+        self.weight = nn.Parameter(torch.randn(num_words, dim) * (0.1 if pretrained is None else
+                                                                   float(pretrained.std())))
+        has_vector = torch.zeros(num_words, dtype=torch.bool) if has_vector is None else has_vector
+        self.register_buffer("has_vector", has_vector.bool())
+        self.register_buffer("pretrained", torch.zeros(num_words, dim) if pretrained is None else pretrained.float())
+        with torch.no_grad():
+            self.weight[self.has_vector] = self.pretrained[self.has_vector]
+
+    def table(self) -> torch.Tensor:
+        if self.frozen:
+            return torch.where(self.has_vector[:, None], self.pretrained, self.weight)
+        return self.weight
+
+    def forward(self, ids):
+        return F.embedding(ids, self.table())
+
+
+class ShowAndTell(nn.Module):
+    def __init__(self, feature_dim: int, vocab_size: int, embedding: WordEmbedding, hidden_size: int = 512,
+                 num_layers: int = 1, rnn_type: str = "lstm"):
+        super().__init__()
+        self.rnn_type, self.num_layers, self.hidden_size = rnn_type.lower(), num_layers, hidden_size
+        self.init_hidden = nn.Linear(feature_dim, hidden_size * num_layers)
+        self.embed = embedding
+        self.rnn = RNNS[self.rnn_type](embedding.weight.shape[1], hidden_size, num_layers, batch_first=True)
+        self.out = nn.Linear(hidden_size, vocab_size)
+
+    def initial_state(self, features):
+        """The features become the hidden state of every layer; an LSTM's cell state starts at zero."""
+        h = F.relu(self.init_hidden(features))
+        h = h.view(-1, self.num_layers, self.hidden_size).transpose(0, 1).contiguous()
+        return (h, torch.zeros_like(h)) if self.rnn_type == "lstm" else h
+
+    def forward(self, features, inputs, state=None):
+        """Teacher forcing: hidden states for every input position, (batch, time, hidden), and the last state."""
+        if state is None:
+            state = self.initial_state(features)
+        return self.rnn(self.embed(inputs), state)

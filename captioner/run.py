@@ -1,0 +1,125 @@
+"""Training entry point: `python -m captioner.run [key=value ...]` (Hydra; add -m for a multirun sweep)."""
+import logging
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from captioner.data import CaptionDataModule, ResampleCaptions
+from captioner.embeddings import embedding_matrix, load_vectors, nearest_kept
+from captioner.history import History
+from captioner.model import RNNS
+from captioner.module import CaptionModule
+from captioner.utils import CaptionerError
+from captioner.vocab import load_words
+
+log = logging.getLogger("captioner")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Catch wrong values early, with one sentence naming the key."""
+    rnn = str(cfg.rnn_type).lower()
+    if rnn not in RNNS:
+        raise CaptionerError(f"rnn_type={cfg.rnn_type} is not one of lstm, gru, rnn.")
+    cfg.rnn_type = rnn
+    if cfg.optimizer not in cfg.optimizers:
+        raise CaptionerError(f"optimizer={cfg.optimizer} is not one of {', '.join(cfg.optimizers)}.")
+    for key in ("vocab_size", "hidden_size", "num_layers", "batch_size", "epochs"):
+        if not isinstance(cfg[key], int) or cfg[key] < 1:
+            raise CaptionerError(f"{key}={cfg[key]} must be a positive integer.")
+    if not isinstance(cfg.caption_idx, int):
+        raise CaptionerError(f"caption_idx={cfg.caption_idx} must be an integer (negative: random).")
+    if not float(cfg.learning_rate) > 0:
+        raise CaptionerError(f"learning_rate={cfg.learning_rate} must be positive.")
+    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
+        raise CaptionerError(f"ckpt_path={cfg.ckpt_path} does not exist; expected a .ckpt file to resume from.")
+
+
+def build_datamodule(cfg: DictConfig) -> CaptionDataModule:
+    d = cfg.data
+    return CaptionDataModule(
+        root=d.root, splits=d.splits, encoder=cfg.encoder, cache_dir=cfg.paths.cache_dir, vocab_size=cfg.vocab_size,
+        caption_idx=cfg.caption_idx, shuffle=cfg.shuffle, batch_size=cfg.batch_size, seed=cfg.seed,
+        image_size=d.get("image_size"), lowercase=d.lowercase, drop_punct=d.drop_punct, generate=d.get("generate"),
+        num_workers=d.num_workers, extract_batch_size=cfg.encoder.batch_size,
+        extract_workers=cfg.encoder.num_workers, name=d.name)
+
+
+def build_module(cfg: DictConfig, dm: CaptionDataModule) -> CaptionModule:
+    """The model, with word vectors for the data module's vocabulary."""
+    emb = OmegaConf.to_container(cfg.embeddings, resolve=True)
+    nlp = load_vectors(cfg.embeddings, cfg.paths.cache_dir)
+    pretrained = has_vector = None
+    if nlp is None:
+        emb["dim"] = int(cfg.embeddings.dim)
+    else:
+        pretrained, has_vector = embedding_matrix(nlp, dm.vocab.itos)
+        emb["dim"] = pretrained.shape[1]
+        emb["coverage"] = float(has_vector[4:].float().mean()) if len(has_vector) > 4 else 0.0
+        log.info("Word vectors %s: %.1f%% of vocabulary words have a pretrained vector.", cfg.embeddings.name,
+                 100 * emb["coverage"])
+        if cfg.embeddings.get("nearest"):
+            words = load_words(dm.token_folder)["words"]
+            remap = nearest_kept(nlp, dm.vocab.itos, words, len(dm.vocab) - 4)
+            dm.remap_words(remap)
+            log.info("Mapped %d out-of-vocabulary words to their nearest kept word instead of <unk>.", len(remap))
+    return CaptionModule(
+        itos=dm.vocab.itos, feature_dim=dm.feature_dim, preprocess=dm.preprocess, embeddings=emb,
+        hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, rnn_type=cfg.rnn_type,
+        optimizer=OmegaConf.to_container(cfg.optimizers[cfg.optimizer], resolve=True),
+        learning_rate=cfg.learning_rate, config=OmegaConf.to_container(cfg, resolve=True),
+        pretrained=pretrained, has_vector=has_vector)
+
+
+def train(cfg: DictConfig) -> float:
+    """Train one model; returns the final val/ppl (what sweeps minimise)."""
+    check_config(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    pl.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = build_module(cfg, dm)
+    dm.vocab.save(run_dir / "vocab.txt")
+    if cfg.ckpt_path:
+        saved = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["hyper_parameters"]
+        if saved["itos"] != dm.vocab.itos or saved["feature_dim"] != dm.feature_dim:
+            raise CaptionerError(f"ckpt_path={cfg.ckpt_path} was trained with another vocabulary or encoder; "
+                                 f"resume with the data, encoder and vocab_size it was trained with.")
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_last=True),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="periodic-{step}", train_time_interval=timedelta(minutes=cfg.save_every)),
+        ResampleCaptions(),
+        History(run_dir, cfg.write_every),
+    ]
+    logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
+    steps = dict(max_steps=cfg.iterations, max_epochs=-1) if cfg.iterations > 0 else dict(max_epochs=cfg.epochs)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **steps)
+    if logger:
+        logger.log_hyperparams({k: v for k, v in module.hparams.config.items() if not isinstance(v, dict)})
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # also when training stopped between validations
+    ppl = trainer.callback_metrics.get("val/ppl")
+    log.info("Finished: %d steps, val/ppl %s, run dir %s", trainer.global_step,
+             f"{float(ppl):.3f}" if ppl is not None else "n/a", run_dir)
+    return float(ppl) if ppl is not None else float("nan")
+
+
+@hydra.main(version_base="1.3", config_path="pkg://captioner.conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    try:
+        return train(cfg)
+    except CaptionerError as e:
+        log.error("%s", e)
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
