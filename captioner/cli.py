@@ -17,7 +17,7 @@ def compose_config(name: str, overrides):
 
 
 def one_line_errors(fn):
-    """Report user errors (bad paths, bad overrides) as one sentence and exit 2, never a stack trace."""
+    """Report user errors (bad paths, bad overrides) as one sentence and exit 1, never a stack trace."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -80,6 +80,7 @@ def train(cfg: DictConfig) -> float:
     """Train one model; returns the final val/ppl (what sweeps minimise)."""
     check_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
     dm.prepare_data()

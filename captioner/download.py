@@ -1,0 +1,205 @@
+"""Download MS-COCO 2017: `python -m captioner.download [root=data/coco] [parts=[annotations,val2017]]`.
+
+Arguments are overrides of conf/download.yaml. Each part is fetched to `<root>/<zip>.part` (resumed with an HTTP
+Range request after an interruption), checked against its size and, for the official files, its MD5, then extracted
+into a hidden temporary folder and renamed into place with a `.complete` marker inside. A folder without the
+marker therefore never passes as complete, and a rerun skips finished parts without any network request.
+"""
+import hashlib
+import http.client
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+import zipfile
+import zlib
+from pathlib import Path
+from urllib.error import HTTPError, URLError
+from urllib.request import Request, urlopen
+
+from tqdm import tqdm
+
+from captioner.cli import compose_config, one_line_errors
+from captioner.utils import CaptionerError
+
+log = logging.getLogger(__name__)
+
+# Part (= the folder its zip contains) -> the zip's path below base_url.
+PARTS = {"annotations": "annotations/annotations_trainval2017.zip",
+         "train2017": "zips/train2017.zip",
+         "val2017": "zips/val2017.zip"}
+OFFICIAL = "http://images.cocodataset.org"
+# Sizes and MD5s of the official zips, as published by many independent download scripts (PaddleDetection,
+# MLPerf, torchvision-style loaders). Keyed by URL: a mirror or a test server may serve other bytes.
+KNOWN = {f"{OFFICIAL}/annotations/annotations_trainval2017.zip": (252907541, "f4bbac642086de4f52a3fdda2de5fa2c"),
+         f"{OFFICIAL}/zips/train2017.zip": (19336861798, "cced6f7f71b7629ddf16f17bbcfab6b2"),
+         f"{OFFICIAL}/zips/val2017.zip": (815585330, "442b8da7639aecaf257c1dceb8ba8c80")}
+MARKER = ".complete"
+CHUNK = 1 << 20
+
+
+class _Interrupted(Exception):
+    """A transfer that broke off (network error, short read): worth resuming."""
+
+
+def _read(resp, url) -> bytes:
+    try:
+        return resp.read(CHUNK)
+    except (OSError, http.client.HTTPException) as e:  # reset, timeout, incomplete chunked body
+        raise _Interrupted(f"the transfer of {url} broke off ({e})") from None
+
+
+def _transfer(url, part: Path, timeout, expected, progress):
+    """Append the rest of `url` to `part`; restart from byte 0 when the server cannot continue it."""
+    have = part.stat().st_size if part.exists() else 0
+    if expected is not None and have >= expected:
+        if have == expected:
+            return  # finished earlier; the verification and rename were all that was missing
+        part.unlink()  # longer than the real file: cannot be a prefix of it
+        have = 0
+    headers = {"User-Agent": "captioner-download"}
+    if have:
+        headers["Range"] = f"bytes={have}-"
+    try:
+        resp = urlopen(Request(url, headers=headers), timeout=timeout)
+    except HTTPError as e:
+        if e.code == 416 and have:  # our .part is not a prefix of what the server has now: start over
+            part.unlink()
+            return _transfer(url, part, timeout, expected, progress)
+        if e.code >= 500:
+            raise _Interrupted(f"{url} answered HTTP {e.code} {e.reason}") from None
+        raise CaptionerError(f"could not download {url}: the server answered HTTP {e.code} {e.reason}; "
+                             f"expected the zip file there (check base_url).") from None
+    except (URLError, OSError, http.client.HTTPException) as e:
+        raise _Interrupted(f"could not reach {url} ({getattr(e, 'reason', e)})") from None
+    with resp:
+        start = re.match(r"bytes (\d+)-", resp.headers.get("Content-Range", ""))
+        if resp.status == 206 and start and int(start.group(1)) == have:
+            mode = "ab"
+        elif resp.status == 200:  # no Range asked, or the server ignored it: what comes is the whole file
+            if have:
+                log.info("%s does not support resuming; starting over.", url)
+            mode, have = "wb", 0
+        else:
+            raise CaptionerError(f"{url} answered HTTP {resp.status} with Content-Range "
+                                 f"'{resp.headers.get('Content-Range')}'; expected the bytes from {have} on.")
+        length = resp.headers.get("Content-Length")
+        total = have + int(length) if length is not None else expected
+        if expected is not None and total != expected:
+            raise CaptionerError(f"{url} is {total} bytes but the official file is {expected} bytes; "
+                                 f"check base_url.")
+        try:
+            with open(part, mode) as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                             unit_divisor=1024, desc=part.name[:-5], disable=not progress) as bar:
+                while chunk := _read(resp, url):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+        except OSError as e:  # only writing gets here (disk full, permissions): resuming would not help
+            raise CaptionerError(f"writing {part} failed: {e}.") from None
+    size = part.stat().st_size
+    if total is not None and size != total:
+        raise _Interrupted(f"the transfer of {url} stopped at {size} of {total} bytes")
+
+
+def _md5(path: Path, progress) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
+                                     desc=f"md5 {path.name}", disable=not progress) as bar:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            bar.update(len(chunk))
+    return h.hexdigest()
+
+
+def fetch(url, dest: Path, timeout=60, retries=3, progress=True) -> Path:
+    """Download `url` to `dest` (resuming `dest`.part), verified; `dest` exists only once it is right."""
+    expected, md5 = KNOWN.get(url, (None, None))
+    part = dest.with_name(dest.name + ".part")
+    for attempt in range(retries + 1):
+        try:
+            _transfer(url, part, timeout, expected, progress)
+            break
+        except _Interrupted as e:
+            if attempt == retries:
+                kept = part.stat().st_size if part.exists() else 0
+                hint = f"to resume ({kept} bytes are kept in {part})" if kept else "to retry"
+                raise CaptionerError(f"{e}; run the same command again {hint}.") from None
+            log.warning("%s; resuming in %d s", e, 2 ** attempt)
+            time.sleep(2 ** attempt)
+    if md5 is not None and (actual := _md5(part, progress)) != md5:
+        part.unlink()  # complete but wrong: resuming it could never fix it
+        raise CaptionerError(f"{url} arrived with MD5 {actual} but the official file has {md5}; the download "
+                             f"was deleted, run again to fetch it afresh.")
+    os.replace(part, dest)
+    return dest
+
+
+def extract(zip_path: Path, root: Path, name: str, url: str, progress=True) -> Path:
+    """Unzip the `name/` folder of `zip_path` into root/name, all or nothing, with the completion marker."""
+    tmp = root / f".{name}.extracting"
+    shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted extraction
+    try:
+        with zipfile.ZipFile(zip_path) as z:
+            members = [m for m in z.infolist() if m.filename.startswith(f"{name}/")]
+            if not members:
+                raise zipfile.BadZipFile(f"it has no {name}/ folder")
+            for m in tqdm(members, desc=f"extracting {zip_path.name}", unit="files", disable=not progress):
+                z.extract(m, tmp)  # CRC-checked as it is read
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        zip_path.unlink()  # a bad archive cannot be repaired by resuming; the next run fetches it afresh
+        raise CaptionerError(f"{zip_path} (from {url}) is not a valid zip archive with a {name}/ folder ({e}); "
+                             f"it was deleted, run again to download it afresh.") from None
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CaptionerError(f"extracting {zip_path} into {tmp} failed: {e}.") from None
+    (tmp / name / MARKER).write_text(json.dumps({"url": url, "files": len(members)}))
+    os.rename(tmp / name, root / name)  # atomic on one file system: the folder appears complete or not at all
+    shutil.rmtree(tmp)
+    return root / name
+
+
+def download(root, parts=tuple(PARTS), base_url=OFFICIAL, timeout=60, retries=3, keep_zips=False,
+             progress=True) -> Path:
+    root = Path(root)
+    parts = [parts] if isinstance(parts, str) else list(parts)
+    for name in parts:
+        if name not in PARTS:
+            raise CaptionerError(f"unknown part '{name}'; choose from {', '.join(PARTS)}.")
+        target = root / name
+        if target.exists() and not (target / MARKER).exists():
+            # Checked before any download: someone else's (or a hand-made) folder is never overwritten.
+            raise CaptionerError(f"{target} exists but has no {MARKER} marker, so it may be incomplete; move it "
+                                 f"away (or create {target / MARKER} if you know it is complete) and run again.")
+    root.mkdir(parents=True, exist_ok=True)
+    for name in parts:
+        if (root / name / MARKER).exists():
+            log.info("%s is complete; skipping.", root / name)
+            continue
+        url = f"{base_url.rstrip('/')}/{PARTS[name]}"
+        zip_path = root / PARTS[name].rsplit("/", 1)[1]
+        if not zip_path.exists():  # a zip under its final name has already been verified
+            log.info("Downloading %s", url)
+            fetch(url, zip_path, timeout, retries, progress)
+        extract(zip_path, root, name, url, progress)
+        if not keep_zips:
+            zip_path.unlink()
+        log.info("%s is ready.", root / name)
+    return root
+
+
+@one_line_errors
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if bad := [a for a in argv if "=" not in a]:
+        raise CaptionerError(f"unexpected argument {bad[0]!r}; usage: python -m captioner.download [key=value ...].")
+    cfg = compose_config("download", argv)
+    root = download(cfg.root, cfg.parts, cfg.base_url, cfg.timeout, cfg.retries, cfg.keep_zips, cfg.progress)
+    log.info("COCO 2017 (%s) is in %s.", ", ".join(map(str, cfg.parts)), root)
+
+
+if __name__ == "__main__":
+    main()

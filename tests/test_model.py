@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from captioner.decoding import beam_search, sample
+from captioner.model import ShowAndTell, WordEmbedding
+from captioner.vocab import END, PAD, START
+
+
+def make_model(rnn_type="lstm", num_layers=1, vocab=12, feat=10, hidden=16, **emb):
+    torch.manual_seed(0)
+    return ShowAndTell(feat, vocab, WordEmbedding(vocab, 8, **emb), hidden, num_layers, rnn_type)
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_features_set_the_initial_hidden_state_of_every_layer(rnn_type, num_layers):
+    model = make_model(rnn_type, num_layers)
+    f = torch.randn(3, 10)
+    state = model.initial_state(f)
+    h = state[0] if rnn_type == "lstm" else state
+    assert h.shape == (num_layers, 3, 16)
+    expected = torch.relu(model.init_hidden(f)).view(3, num_layers, 16).transpose(0, 1)
+    assert torch.equal(h, expected)
+    if rnn_type == "lstm":
+        assert torch.count_nonzero(state[1]) == 0  # cell state starts at zero
+    inputs = torch.tensor([[START, 5, 6], [START, 7, 8], [START, 4, 4]])
+    out1, _ = model(f, inputs)
+    out2, _ = model(f + 1.0, inputs)
+    assert out1.shape == (3, 3, 16)
+    assert not torch.allclose(out1, out2), "changing the image features must change the outputs"
+
+
+def test_frozen_pretrained_rows_stay_fixed_and_others_learn():
+    pretrained = torch.randn(12, 8)
+    has = torch.zeros(12, dtype=torch.bool)
+    has[4:8] = True
+    for freeze in (True, False):
+        model = make_model(freeze=freeze, pretrained=pretrained, has_vector=has)
+        assert torch.equal(model.embed.table()[4:8], pretrained[4:8])
+        opt = torch.optim.Adam(model.parameters(), 0.1)
+        before = model.embed.table().detach().clone()
+        ids = torch.arange(12)[None].repeat(2, 1)
+        model(torch.randn(2, 10), ids)[0].sum().backward()
+        opt.step()
+        after = model.embed.table().detach()
+        assert torch.equal(after[4:8], before[4:8]) == freeze
+        assert not torch.equal(after[8:], before[8:]), "rows without a pretrained vector always learn"
+
+
+def test_beam_search_greedy_matches_stepwise_argmax():
+    model = make_model("gru").eval()
+    f = torch.randn(4, 10)
+    tokens, logp, probs = beam_search(model, f, beam_size=1, max_len=6)
+    # reference: a plain loop taking the argmax word at every step (pad/start never emitted)
+    state, word = model.initial_state(f), torch.full((4,), START)
+    ref = []
+    for _ in range(6):
+        out, state = model(f, word[:, None], state)
+        scores = torch.log_softmax(model.out(out[:, -1]), -1)
+        scores[:, [PAD, START]] = -1e9
+        word = scores.argmax(-1)
+        ref.append(word)
+    ref = torch.stack(ref, 1)
+    for b in range(4):
+        n = (ref[b] == END).nonzero()
+        n = int(n[0]) + 1 if len(n) else 6
+        assert tokens[b, 0, :n].tolist() == ref[b, :n].tolist()
+    assert torch.allclose(probs, torch.ones_like(probs))
+
+
+def test_beam_search_returns_distinct_ranked_captions_with_normalised_probabilities():
+    model = make_model("lstm").eval()
+    tokens, logp, probs = beam_search(model, torch.randn(5, 10), beam_size=4, max_len=8, n_best=3)
+    assert tokens.shape[:2] == (5, 3) and probs.shape == (5, 3)
+    assert torch.allclose(probs.sum(-1), torch.ones(5), atol=1e-5)
+    assert (logp[:, :-1] >= logp[:, 1:]).all()
+    for b in range(5):
+        seqs = {tuple(t.tolist()) for t in tokens[b]}
+        assert len(seqs) == 3, "no duplicate beams"
+    # wider beams never find a worse best caption
+    _, best1, _ = beam_search(model, torch.randn(5, 10).mul(0).add(1), beam_size=1, max_len=8)
+    _, best4, _ = beam_search(model, torch.randn(5, 10).mul(0).add(1), beam_size=4, max_len=8)
+    assert (best4[:, 0] >= best1[:, 0] - 1e-5).all()
+
+
+def test_sampling_is_seedable():
+    model = make_model().eval()
+    f = torch.randn(3, 10)
+    a, _ = sample(model, f, 8, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    b, _ = sample(model, f, 8, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)

@@ -1,0 +1,93 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from captioner.run import train
+from captioner.utils import CaptionerError
+
+
+def scalars(run_dir, tag):
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [e.value for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_training_lowers_the_loss_and_writes_val_ppl_and_checkpoints(trained):
+    run_dir = trained["run_dir"]
+    val_ppl = scalars(run_dir, "val/ppl")
+    val_loss = scalars(run_dir, "val/loss")
+    assert len(val_ppl) >= 6 and val_ppl[-1] < val_ppl[0]
+    assert val_loss[-1] < val_loss[0]
+    assert abs(val_ppl[-1] - torch.tensor(val_loss[-1]).exp().item()) < 1e-3 * val_ppl[-1]
+    assert scalars(run_dir, "train/loss") and scalars(run_dir, "train/ppl")
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file() and (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert (run_dir / "vocab.txt").read_text().splitlines()[:4] == ["<pad>", "<start>", "<end>", "<unk>"]
+    assert (run_dir / "history.json").is_file() and (run_dir / "loss.png").is_file()
+    ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
+    hp = ckpt["hyper_parameters"]
+    assert hp["preprocess"]["encoder"] == "efficientnet_lite0" and hp["itos"][4:] and hp["rnn_type"] == "lstm"
+    assert "optimizer_states" in ckpt and ckpt["global_step"] > 0
+
+
+def test_resume_continues_the_step_count(cfg_factory):
+    first = cfg_factory("iterations=4", "trainer.val_check_interval=2", run="first")
+    train(first)
+    last = Path(first.paths.run_dir) / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
+    second = cfg_factory("iterations=7", f"ckpt_path={last}", run="second")
+    train(second)
+    resumed = torch.load(Path(second.paths.run_dir) / "checkpoints" / "last.ckpt", map_location="cpu",
+                         weights_only=False)
+    assert resumed["global_step"] == 7
+    # the optimizer state came along: Adam's step counter continues too
+    state = resumed["optimizer_states"][0]["state"]
+    assert int(next(iter(state.values()))["step"]) == 7
+
+
+@pytest.mark.parametrize("rnn_type", ["GRU", "rnn"])
+def test_other_rnn_types_train_with_two_layers(cfg_factory, rnn_type):
+    cfg = cfg_factory(f"rnn_type={rnn_type}", "num_layers=2", "iterations=3", "embeddings=learned")
+    assert train(cfg) > 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("rnn_type=transformer", "rnn_type=transformer is not one of lstm, gru, rnn"),
+    ("optimizer=lion", "optimizer=lion is not one of"),
+    ("hidden_size=0", "hidden_size=0 must be a positive integer"),
+    ("ckpt_path=/nonexistent.ckpt", "ckpt_path=/nonexistent.ckpt does not exist")])
+def test_bad_values_are_named(cfg_factory, override, message):
+    with pytest.raises(CaptionerError, match=message):
+        train(cfg_factory(override))
+
+
+def run_cli(*args, cwd):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "captioner.run", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_cli_reports_a_bad_value_in_one_line(tmp_path, data_dir):
+    r = run_cli("rnn_type=foo", f"paths.data_dir={data_dir}", "experiment=smoke", cwd=tmp_path)
+    assert r.returncode != 0
+    assert "error: rnn_type=foo is not one of lstm, gru, rnn." in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("no_such_key=1", cwd=tmp_path)
+    assert r.returncode != 0 and "no_such_key" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_multirun_makes_one_run_dir_per_job(tmp_path, data_dir):
+    r = run_cli("-m", "experiment=smoke", "rnn_type=lstm,gru", "epochs=1", f"paths.data_dir={data_dir}",
+                f"hydra.sweep.dir={tmp_path / 'sweep'}", "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    jobs = sorted(p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    for job in jobs:
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        assert (job / ".hydra" / "overrides.yaml").is_file()
+        assert scalars(job, "val/ppl")
