@@ -41,9 +41,17 @@ class CaptionBatches(Dataset):
             rng = np.random.default_rng([self.seed, epoch])
             self.choice = self.cap_start + (rng.random(len(self)) * self.cap_count).astype(np.int64)
 
+    def to_device(self, device):
+        """Keep the features on the device: a batch is then one gather there, with no host-to-device copy."""
+        self.features = torch.as_tensor(np.asarray(self.features)).to(device)
+
     def __getitems__(self, indices):
         idx = np.asarray(indices)
-        feats = torch.from_numpy(np.asarray(self.features[self.feat_rows[idx]], dtype=np.float32))
+        rows = self.feat_rows[idx]
+        if isinstance(self.features, torch.Tensor):
+            feats = self.features[torch.from_numpy(rows).to(self.features.device, non_blocking=True)].float()
+        else:
+            feats = torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))
         caps = self.choice[idx]
         begin, lengths = self.offsets[caps], self.offsets[caps + 1] - self.offsets[caps]
         t = int(lengths.max()) + 1  # pad to this batch's longest caption, plus <end>
@@ -64,17 +72,23 @@ def _batch_is_ready(batch):
 
 
 class CaptionDataModule(pl.LightningDataModule):
-    def __init__(self, root, splits, encoder, cache_dir, vocab_size=10000, caption_idx=0, shuffle=True,
-                 batch_size=64, seed=0, image_size=None, lowercase=True, drop_punct=True, generate=None,
-                 num_workers=0, extract_batch_size=64, extract_workers=2, name="coco"):
+    def __init__(self, root=None, splits=None, encoder=None, cache_dir=None, vocab_size=10000, caption_idx=0,
+                 shuffle=True, batch_size=64, seed=0, image_size=None, lowercase=True, drop_punct=True, generate=None,
+                 num_workers=0, extract_batch_size=64, extract_workers=2, name="coco", resident="auto",
+                 datasets=None, vocab=None):
         super().__init__()
-        self.root, self.splits, self.encoder_cfg = Path(root), dict(splits), encoder
-        self.cache_dir, self.vocab_size, self.caption_idx = Path(cache_dir), vocab_size, caption_idx
+        self.root, self.splits, self.encoder_cfg = root and Path(root), dict(splits or {}), encoder
+        self.cache_dir, self.vocab_size, self.caption_idx = cache_dir and Path(cache_dir), vocab_size, caption_idx
         self.shuffle, self.batch_size, self.seed, self.image_size = shuffle, batch_size, seed, image_size
         self.lowercase, self.drop_punct, self.generate, self.name = lowercase, drop_punct, generate, name
         self.num_workers, self.extract_batch_size, self.extract_workers = num_workers, extract_batch_size, extract_workers
-        self.vocab = None
-        self.datasets = {}
+        self.resident = resident  # features on the GPU: "auto" when they fit comfortably, or true/false
+        self.vocab = vocab
+        self.datasets = datasets or {}  # given directly (benchmarks) or built from the caches in setup()
+
+    @property
+    def feature_dim(self) -> int:
+        return self.datasets["train"].features.shape[1]
 
     @property
     def preprocess(self) -> dict:
@@ -85,6 +99,8 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def prepare_data(self):
         """Build every cache once (Lightning runs this on one process per node)."""
+        if self.datasets:
+            return
         if self.generate:
             make_shapes(self.root, self.generate)
         splits = self._load_splits()
@@ -112,7 +128,6 @@ class CaptionDataModule(pl.LightningDataModule):
             tok_ids = np.load(tokens / f"{role}.image_ids.npy")
             img_caps = np.load(tokens / f"{role}.img_caps.npy")
             pos = np.searchsorted(tok_ids, feat_ids)  # both sorted by image id; features may skip unreadable images
-            self.feature_dim = feats.shape[1]
             self.datasets[role] = CaptionBatches(
                 feats, np.arange(len(feat_ids)),
                 self.vocab.encode(np.load(tokens / f"{role}.tokens.npy", mmap_mode="r")),
@@ -131,7 +146,18 @@ class CaptionDataModule(pl.LightningDataModule):
                           collate_fn=_batch_is_ready, num_workers=self.num_workers,
                           persistent_workers=False)  # workers must see set_epoch()
 
+    def _place_features(self):
+        device = self.trainer.strategy.root_device if self.trainer else torch.device("cpu")
+        if device.type != "cuda" or self.resident is False or self.num_workers > 0:
+            return
+        need = sum(ds.features.nbytes for ds in self.datasets.values() if not isinstance(ds.features, torch.Tensor))
+        if self.resident is True or need < 0.5 * torch.cuda.mem_get_info(device)[0]:
+            for ds in self.datasets.values():
+                if not isinstance(ds.features, torch.Tensor):
+                    ds.to_device(device)
+
     def train_dataloader(self):
+        self._place_features()
         return self._loader("train", self.shuffle)
 
     def val_dataloader(self):

@@ -1,21 +1,25 @@
 """Training entry point: `python -m captioner.run [key=value ...]` (Hydra; add -m for a multirun sweep)."""
+import json
 import logging
 import sys
 from datetime import timedelta
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.utilities import rank_zero_only
 
 from captioner.data import CaptionDataModule, ResampleCaptions
 from captioner.embeddings import embedding_matrix, load_vectors, nearest_kept
 from captioner.history import History
 from captioner.model import RNNS
 from captioner.module import CaptionModule
-from captioner.utils import CaptionerError
+from captioner.utils import CaptionerError, atomic_write_text
 from captioner.vocab import load_words
 
 log = logging.getLogger("captioner")
@@ -47,7 +51,7 @@ def build_datamodule(cfg: DictConfig) -> CaptionDataModule:
         caption_idx=cfg.caption_idx, shuffle=cfg.shuffle, batch_size=cfg.batch_size, seed=cfg.seed,
         image_size=d.get("image_size"), lowercase=d.lowercase, drop_punct=d.drop_punct, generate=d.get("generate"),
         num_workers=d.num_workers, extract_batch_size=cfg.encoder.batch_size,
-        extract_workers=cfg.encoder.num_workers, name=d.name)
+        extract_workers=cfg.encoder.num_workers, name=d.name, resident=d.get("resident", "auto"))
 
 
 def build_module(cfg: DictConfig, dm: CaptionDataModule) -> CaptionModule:
@@ -81,12 +85,13 @@ def train(cfg: DictConfig) -> float:
     check_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    pl.seed_everything(cfg.seed, workers=True)
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
+    pl.seed_everything(cfg.seed, workers=True)  # after the caches: building them must not change the draws
     module = build_module(cfg, dm)
-    dm.vocab.save(run_dir / "vocab.txt")
+    if rank_zero_only.rank == 0:
+        dm.vocab.save(run_dir / "vocab.txt")
     if cfg.ckpt_path:
         saved = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["hyper_parameters"]
         if saved["itos"] != dm.vocab.itos or saved["feature_dim"] != dm.feature_dim:
@@ -99,18 +104,23 @@ def train(cfg: DictConfig) -> float:
         ResampleCaptions(),
         History(run_dir, cfg.write_every),
     ]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_every))
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     steps = dict(max_steps=cfg.iterations, max_epochs=-1) if cfg.iterations > 0 else dict(max_epochs=cfg.epochs)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **steps)
     if logger:
         logger.log_hyperparams({k: v for k, v in module.hparams.config.items() if not isinstance(v, dict)})
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
-    if trainer.is_global_zero and not trainer.fast_dev_run:
+    if not trainer.fast_dev_run:
         trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # also when training stopped between validations
-    ppl = trainer.callback_metrics.get("val/ppl")
+    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    final.update(steps=trainer.global_step, checkpoint=str(ckpt_dir / "last.ckpt"))
+    if trainer.is_global_zero:
+        atomic_write_text(run_dir / "metrics.json", json.dumps(final, indent=1))
     log.info("Finished: %d steps, val/ppl %s, run dir %s", trainer.global_step,
-             f"{float(ppl):.3f}" if ppl is not None else "n/a", run_dir)
-    return float(ppl) if ppl is not None else float("nan")
+             f"{final['val/ppl']:.3f}" if "val/ppl" in final else "n/a", run_dir)
+    return final.get(cfg.get("optimized_metric") or "val/ppl", float("nan"))
 
 
 @hydra.main(version_base="1.3", config_path="pkg://captioner.conf", config_name="config")
@@ -119,6 +129,8 @@ def main(cfg: DictConfig) -> float:
         return train(cfg)
     except CaptionerError as e:
         log.error("%s", e)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # this job fails and shows as failed in the results table; the others go on
         sys.exit(f"error: {e}")
 
 

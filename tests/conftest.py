@@ -45,3 +45,13 @@ def require_coco_mini():
     if not (COCO_MINI / "annotations" / "captions_val2017.json").exists():
         pytest.skip(f"coco-mini is not present at {COCO_MINI} (set CAPTIONER_COCO_MINI to its folder)")
     return COCO_MINI
+
+
+def run_module(module, *args, cwd, timeout=600):
+    """Run `python -m <module> args...` as a user would, in `cwd`."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,6 +1,3 @@
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -9,6 +6,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from captioner.run import train
 from captioner.utils import CaptionerError
+from conftest import run_module
 
 
 def scalars(run_dir, tag):
@@ -66,9 +64,7 @@ def test_bad_values_are_named(cfg_factory, override, message):
 
 
 def run_cli(*args, cwd):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.run([sys.executable, "-m", "captioner.run", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_module("captioner.run", *args, cwd=cwd)
 
 
 def test_cli_reports_a_bad_value_in_one_line(tmp_path, data_dir):

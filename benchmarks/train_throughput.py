@@ -1,0 +1,120 @@
+"""Training throughput of the real captioner (CaptionModule + CaptionBatches through the Lightning Trainer)
+against ../shared/bench/ref_limits.py's tuned plain-PyTorch loop, run in the same process session.
+
+Synthetic COCO-scale workload, the reference's sizes: features 2048 (float16, memory-mapped from disk),
+COCO-like caption lengths, vocabulary 10,000, embedding 300, LSTM 512, batch 256.
+
+    python benchmarks/train_throughput.py                 # CPU: 4,096 captions (the reference's small scale)
+    python benchmarks/train_throughput.py --scale coco    # 118,287 captions (GPU)
+    python benchmarks/train_throughput.py --scale coco --max-steps 60   # peak host memory at COCO scale (CPU)
+
+Last line: JSON with captions_per_s, reference_captions_per_s, ratio, epoch_s (118,287 captions), peak_rss_mb.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import Callback
+
+from captioner.data import CaptionBatches, CaptionDataModule
+from captioner.module import CaptionModule
+from captioner.vocab import SPECIALS, Vocabulary
+
+REF = Path(__file__).resolve().parents[2] / "shared" / "bench" / "ref_limits.py"
+COCO_N, FEAT, EMB, HID, V, BS = 118_287, 2048, 300, 512, 10_000, 256
+
+
+def synthetic(n, folder, seed=0):
+    """Features memory-mapped from disk and token arrays with COCO-like lengths (as ref_limits.py draws them)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = (torch.randn(n, generator=g) * 2.5 + 11.5).round().clamp(6, 30).long().numpy() - 1  # + <end>
+    zipf = 1.0 / torch.arange(1, V + 1).float()
+    words = torch.multinomial(zipf / zipf.sum(), int(lengths.sum()), replacement=True, generator=g).numpy()
+    path = Path(folder) / "features.npy"
+    feats = np.lib.format.open_memmap(path, "w+", np.float16, (n, FEAT))
+    for s in range(0, n, 8192):
+        feats[s:s + 8192] = torch.randn(min(8192, n - s), FEAT, generator=g).numpy()
+    feats.flush()
+    del feats
+    feats = np.load(path, mmap_mode="r")
+    ones = np.ones(n, dtype=np.int64)
+    return CaptionBatches(feats, np.arange(n), (words + len(SPECIALS)).astype(np.int64),
+                          np.concatenate([[0], np.cumsum(lengths)]), np.arange(n), ones)
+
+
+class EpochTimer(Callback):
+    def __init__(self):
+        self.times = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        float(trainer.callback_metrics.get("train/loss", torch.zeros(())))  # waits for the GPU
+        self.times.append(time.perf_counter() - self.start)
+
+
+def run_captioner(n, epochs, max_steps, folder):
+    ds = synthetic(n, folder)
+    vocab = Vocabulary(SPECIALS + [f"w{i}" for i in range(V)])
+    dm = CaptionDataModule(datasets={"train": ds, "val": ds}, vocab=vocab, batch_size=BS, shuffle=True)
+    module = CaptionModule(vocab.itos, FEAT, preprocess={}, embeddings={"name": "learned", "dim": EMB},
+                           hidden_size=HID, rnn_type="lstm", learning_rate=1e-4)
+    cuda = torch.cuda.is_available()
+    timer = EpochTimer()
+    trainer = pl.Trainer(accelerator="auto", devices=1, precision="bf16-mixed" if cuda else "32-true",
+                         max_epochs=epochs, max_steps=max_steps, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         log_every_n_steps=50, callbacks=[timer])
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    total = time.perf_counter() - start
+    # the first epoch warms up (allocator, cuDNN plans); the rest are timed
+    timed = timer.times[1:] or timer.times
+    cps = n * len(timed) / sum(timed) if max_steps < 0 else max_steps * BS / total
+    return cps
+
+
+def run_reference(scale):
+    if not REF.exists():
+        return None
+    out = subprocess.run([sys.executable, str(REF), "--scale", scale, "--skip", "seed,beam,extract,decode"],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--scale", default="small", choices=["small", "coco"])
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=-1, help="stop early (peak-memory runs at COCO scale)")
+    p.add_argument("--no-reference", action="store_true")
+    a = p.parse_args()
+    n = COCO_N if a.scale == "coco" else 4_096
+    epochs = a.epochs or (4 if torch.cuda.is_available() else 2)
+    with tempfile.TemporaryDirectory() as folder:
+        cps = run_captioner(n, epochs, a.max_steps, folder)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    ref = None if a.no_reference else run_reference(a.scale)
+    result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+              "torch": torch.__version__, "scale": a.scale, "captions": n,
+              "captions_per_s": round(cps, 1), "epoch_s": round(COCO_N / cps, 2), "peak_rss_mb": round(peak_rss_mb)}
+    if ref:
+        result["reference_captions_per_s"] = ref["fast_captions_per_s"]
+        result["ratio"] = round(cps / ref["fast_captions_per_s"], 3)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
