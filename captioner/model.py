@@ -35,8 +35,9 @@ class WordEmbedding(nn.Module):
 
 class ShowAndTell(nn.Module):
     def __init__(self, feature_dim: int, vocab_size: int, embedding: WordEmbedding, hidden_size: int = 512,
-                 num_layers: int = 1, rnn_type: str = "lstm"):
+                 num_layers: int = 1, rnn_type: str = "lstm", blind: bool = False):
         super().__init__()
+        self.blind = blind  # ablation: zero the image features, leaving a language model (the blind baseline)
         self.rnn_type, self.num_layers, self.hidden_size = rnn_type.lower(), num_layers, hidden_size
         self.init_hidden = nn.Linear(feature_dim, hidden_size * num_layers)
         self.embed = embedding
@@ -45,7 +46,7 @@ class ShowAndTell(nn.Module):
 
     def initial_state(self, features):
         """The features become the hidden state of every layer; an LSTM's cell state starts at zero."""
-        h = F.relu(self.init_hidden(features))
+        h = F.relu(self.init_hidden(torch.zeros_like(features) if self.blind else features))
         h = h.view(-1, self.num_layers, self.hidden_size).transpose(0, 1).contiguous()
         return (h, torch.zeros_like(h)) if self.rnn_type == "lstm" else h
 

@@ -14,13 +14,13 @@ class CaptionModule(pl.LightningModule):
     the vocabulary, the encoder and its preprocessing, the model sizes and the word-vector choice."""
 
     def __init__(self, itos, feature_dim, preprocess, embeddings, hidden_size=512, num_layers=1, rnn_type="lstm",
-                 optimizer=None, learning_rate=1e-4, config=None, pretrained=None, has_vector=None):
+                 optimizer=None, learning_rate=1e-4, config=None, pretrained=None, has_vector=None, blind=False):
         super().__init__()
         # the pretrained matrix lives in the state dict (a buffer), not in the hyperparameters
         self.save_hyperparameters(ignore=["pretrained", "has_vector"], logger=False)
         self.vocab = Vocabulary(itos)
         embedding = WordEmbedding(len(itos), embeddings["dim"], embeddings.get("freeze", False), pretrained, has_vector)
-        self.model = ShowAndTell(feature_dim, len(itos), embedding, hidden_size, num_layers, rnn_type)
+        self.model = ShowAndTell(feature_dim, len(itos), embedding, hidden_size, num_layers, rnn_type, blind)
         self.val_loss = MeanMetric()
 
     def loss(self, batch):

@@ -19,6 +19,7 @@ from captioner.embeddings import embedding_matrix, load_vectors, nearest_kept
 from captioner.history import History
 from captioner.model import RNNS
 from captioner.module import CaptionModule
+from captioner.monitor import CaptionMonitor
 from captioner.utils import CaptionerError, atomic_write_text
 from captioner.vocab import load_words
 
@@ -77,7 +78,7 @@ def build_module(cfg: DictConfig, dm: CaptionDataModule) -> CaptionModule:
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, rnn_type=cfg.rnn_type,
         optimizer=OmegaConf.to_container(cfg.optimizers[cfg.optimizer], resolve=True),
         learning_rate=cfg.learning_rate, config=OmegaConf.to_container(cfg, resolve=True),
-        pretrained=pretrained, has_vector=has_vector)
+        pretrained=pretrained, has_vector=has_vector, blind=cfg.blind)
 
 
 def train(cfg: DictConfig) -> float:
@@ -99,9 +100,12 @@ def train(cfg: DictConfig) -> float:
                                  f"resume with the data, encoder and vocab_size it was trained with.")
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_last=True),
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.checkpoint_monitor, save_last=True,
+                        mode="min" if cfg.checkpoint_monitor in ("val/loss", "val/ppl") else "max",
+                        every_n_epochs=1 if cfg.checkpoint_monitor in ("val/loss", "val/ppl") else cfg.eval_every),
         ModelCheckpoint(dirpath=ckpt_dir, filename="periodic-{step}", train_time_interval=timedelta(minutes=cfg.save_every)),
         ResampleCaptions(),
+        CaptionMonitor(cfg.eval_every, cfg.eval_max_images, cfg.eval_beam_size),
         History(run_dir, cfg.write_every),
     ]
     if cfg.trainer.get("enable_progress_bar", True):

@@ -12,10 +12,10 @@ no re-tokenization, only a new id lookup table.
 import json
 import logging
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 from tqdm import tqdm
 
 from captioner.utils import cache_key, file_fingerprint
@@ -33,15 +33,34 @@ def make_tokenizer():
     return spacy.blank("en").tokenizer  # rule-based English tokenizer: no model download
 
 
-def tokenize(texts, lowercase=True, drop_punct=True, desc="tokenize"):
-    """List of captions -> list of token lists, through spaCy's batched `pipe`."""
+def tokenize(texts, lowercase=True, drop_punct=True, desc="tokenize", chunk=128):
+    """Captions -> (distinct words, word index per token flat int64, token count per caption int64).
+
+    Speed: a spaCy Doc costs far more to set up than to fill, so captions are tokenized `chunk` at a time,
+    joined by a space (spaCy splits on spaces first, so a caption's tokens are exactly those it gets alone), and
+    each token is assigned to its caption by its character offset. Not more at a time: after a special case
+    ("don't") spaCy caches no more words for the rest of that Doc. All the rest is whole-array numpy work:
+    punctuation and whitespace are properties of a word, so they are tested once per distinct word.
+    """
+    from spacy.attrs import IDX, LOWER, ORTH
+
     tok = make_tokenizer()
-    out = []
-    for doc in tqdm(tok.pipe(texts, batch_size=4096), total=len(texts), desc=desc, unit="caption",
-                    leave=False, mininterval=1.0):
-        words = [t.lower_ if lowercase else t.text for t in doc if not (t.is_space or (drop_punct and t.is_punct))]
-        out.append(words)
-    return out
+    attrs = [LOWER if lowercase else ORTH, IDX]
+    hashes, caption = [np.zeros(0, np.uint64)], [np.zeros(0, np.int64)]
+    for start in tqdm(range(0, len(texts), chunk), desc=desc, unit="chunk", leave=False, mininterval=1.0):
+        part = texts[start:start + chunk]
+        arr = tok(" ".join(part)).to_array(attrs)
+        begins = np.cumsum([0] + [len(t) + 1 for t in part[:-1]])  # where each caption starts in the joined text
+        hashes.append(arr[:, 0])
+        caption.append(start + np.searchsorted(begins, arr[:, 1].astype(np.int64), side="right") - 1)
+    distinct, index = np.unique(np.concatenate(hashes), return_inverse=True)
+    lexemes = [tok.vocab[h] for h in distinct.tolist()]
+    drop = np.array([lex.is_space or (drop_punct and lex.is_punct) for lex in lexemes], dtype=bool)
+    kept = ~drop[index]
+    lengths = np.bincount(np.concatenate(caption)[kept], minlength=len(texts)).astype(np.int64)
+    remap = np.cumsum(~drop) - 1  # distinct-word index -> index among the kept words
+    words = [lexemes[i].text for i in np.flatnonzero(~drop)]
+    return words, remap[index[kept]], lengths
 
 
 class Vocabulary:
@@ -81,7 +100,7 @@ class Vocabulary:
 
 def token_dir(cache_dir, splits: dict, spec: dict) -> Path:
     key = cache_key({"spec": spec, "version": TOKENIZER_VERSION,
-                     "splits": {k: file_fingerprint(s.annotation_file) for k, s in splits.items()}})
+                     "splits": {k: [s.name, file_fingerprint(s.annotation_file)] for k, s in splits.items()}})
     return Path(cache_dir) / "tokens" / key
 
 
@@ -91,32 +110,35 @@ def build_tokens(splits: dict, cache_dir, lowercase=True, drop_punct=True, train
     out = token_dir(cache_dir, splits, spec)
     if (out / "words.json").exists():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tokenized = {}
-    for role, split in splits.items():
-        texts = [c for caps in split.captions for c in caps]
-        tokenized[role] = tokenize(texts, lowercase, drop_punct, desc=f"tokenize {split.name}")
-    counts = Counter(w for caption in tokenized[train] for w in caption)
-    words = sorted(counts, key=lambda w: (-counts[w], w))
-    others = sorted({w for role, caps in tokenized.items() if role != train for c in caps for w in c} - counts.keys())
-    all_words = words + others
-    index = {w: i for i, w in enumerate(all_words)}
-    for role, split in splits.items():
-        caps = tokenized[role]
-        lengths = np.fromiter((len(c) for c in caps), dtype=np.int64, count=len(caps))
-        np.save(tmp / f"{role}.tokens.npy", np.fromiter((index[w] for c in caps for w in c), dtype=np.int32,
-                                                         count=int(lengths.sum())))
-        np.save(tmp / f"{role}.offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
-        per_image = np.fromiter((len(c) for c in split.captions), dtype=np.int64, count=len(split.captions))
-        np.save(tmp / f"{role}.img_caps.npy", np.concatenate([[0], np.cumsum(per_image)]))
-        np.save(tmp / f"{role}.image_ids.npy", np.asarray(split.image_ids, dtype=np.int64))
-    meta = dict(spec, n_train_words=len(words), counts=[counts[w] for w in words])
-    (tmp / "words.json").write_text(json.dumps({"words": all_words, **meta}), encoding="utf-8")
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    log.info("Tokenized %s captions into %s", {r: len(t) for r, t in tokenized.items()}, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):  # a concurrent run waits, then finds the finished cache
+        if (out / "words.json").exists():
+            return out
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted run
+        tmp.mkdir()
+        tokenized = {role: tokenize([c for caps in split.captions for c in caps], lowercase, drop_punct,
+                                    desc=f"tokenize {split.name}") for role, split in splits.items()}
+        # training words by frequency (ties alphabetical), then words seen only outside training (alphabetical)
+        train_words, train_ids, _ = tokenized[train]
+        counts = np.bincount(train_ids, minlength=len(train_words))
+        order = sorted(range(len(train_words)), key=lambda i: (-counts[i], train_words[i]))
+        words = [train_words[i] for i in order]
+        others = sorted({w for role, t in tokenized.items() if role != train for w in t[0]} - set(words))
+        index = {w: i for i, w in enumerate(words + others)}
+        for role, split in splits.items():
+            role_words, ids, lengths = tokenized[role]
+            lut = np.array([index[w] for w in role_words], dtype=np.int32)
+            np.save(tmp / f"{role}.tokens.npy", lut[ids])
+            np.save(tmp / f"{role}.offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))
+            per_image = np.fromiter((len(c) for c in split.captions), dtype=np.int64, count=len(split.captions))
+            np.save(tmp / f"{role}.img_caps.npy", np.concatenate([[0], np.cumsum(per_image)]))
+            np.save(tmp / f"{role}.image_ids.npy", np.asarray(split.image_ids, dtype=np.int64))
+        meta = dict(spec, n_train_words=len(words), counts=[int(counts[i]) for i in order])
+        (tmp / "words.json").write_text(json.dumps({"words": words + others, **meta}), encoding="utf-8")
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    log.info("Tokenized %s captions into %s", {r: len(t[2]) for r, t in tokenized.items()}, out)
     return out
 
 

@@ -20,10 +20,10 @@ def test_shapes_dataset_is_deterministic_and_in_coco_layout(tmp_path):
         assert (a / "train2017" / f).read_bytes() == (b / "train2017" / f).read_bytes()
     assert split.captions == load_split(b, "train2017").captions
     vocab = {w for c in split.captions for w in c[0].split()}
-    assert vocab <= {"one", "two", "three", "red", "green", "blue", "yellow", "circle", "circles", "square",
+    assert vocab <= {"a", "picture", "of", "one", "two", "three", "red", "green", "blue", "yellow", "circle", "circles", "square",
                      "squares", "triangle", "triangles"}
-    assert caption_for(2, "red", "circle") == "two red circles"
-    assert caption_for(1, "blue", "triangle") == "one blue triangle"
+    assert caption_for(2, "red", "circle") == "a picture of two red circles"
+    assert caption_for(1, "blue", "triangle") == "a picture of one blue triangle"
     mtime = (a / "annotations" / "captions_train2017.json").stat().st_mtime_ns
     make_shapes(a, {"train2017": 12, "val2017": 4})  # complete: reused, not rewritten
     assert (a / "annotations" / "captions_train2017.json").stat().st_mtime_ns == mtime
@@ -78,6 +78,7 @@ def test_vocabulary_keeps_most_frequent_training_words(tmp_path):
     assert meta["counts"] == sorted(meta["counts"], reverse=True)
     vocab = Vocabulary.from_words(meta["words"], meta["n_train_words"], 3)
     assert vocab.itos[:4] == ["<pad>", "<start>", "<end>", "<unk>"] and len(vocab) == 7
+    assert set(vocab.itos[4:]) == {"a", "picture", "of"}  # in every caption: the most frequent
     ids = vocab.encode(np.arange(len(meta["words"])))
     assert ids[:3].tolist() == [4, 5, 6] and set(ids[3:].tolist()) == {3}
     mtime = (folder / "words.json").stat().st_mtime_ns

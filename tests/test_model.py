@@ -89,3 +89,19 @@ def test_sampling_is_seedable():
     a, _ = sample(model, f, 8, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
     b, _ = sample(model, f, 8, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
+
+
+def test_loss_on_real_tokens_equals_padded_cross_entropy():
+    """Computing the output layer on real positions only must not change the loss (the speed path)."""
+    from captioner.module import CaptionModule
+
+    torch.manual_seed(0)
+    m = CaptionModule([f"w{i}" for i in range(12)], 10, preprocess={}, embeddings={"dim": 8}, hidden_size=16)
+    feats = torch.randn(3, 10)
+    targets = torch.tensor([[5, 6, 7, END], [8, END, PAD, PAD], [9, 9, END, PAD]])
+    inputs = torch.cat([torch.full((3, 1), START), targets[:, :-1]], 1)
+    inputs[inputs == END] = PAD
+    loss, n = m.loss((feats, inputs, targets))
+    hidden, _ = m.model(feats, inputs)
+    full = torch.nn.functional.cross_entropy(m.model.out(hidden).transpose(1, 2), targets, ignore_index=PAD)
+    assert int(n) == 9 and torch.allclose(loss, full)

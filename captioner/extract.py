@@ -1,0 +1,33 @@
+"""Extract image features ahead of training: `python -m captioner.extract data=coco data.root=data/coco`.
+
+Takes the training command's overrides (data, encoder, paths: `encoder=resnet152`, `data=karpathy_coco`, ...),
+runs the encoder once over every image of every split and prints each split's cache folder. `captioner.run`
+does the same on first use; this does it beforehand, e.g. on a GPU machine for training elsewhere.
+"""
+import json
+import sys
+
+from captioner.cli import compose_config, one_line_errors
+from captioner.coco import load_splits
+from captioner.features import extract_split
+from captioner.shapes import make_shapes
+
+
+@one_line_errors
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    # the training config's paths.run_dir needs Hydra's runtime; nothing is written there, so any value does
+    cfg = compose_config("config", ["paths.run_dir=.", *argv])
+    data, encoder = cfg.data, cfg.encoder
+    if data.get("generate"):
+        make_shapes(data.root, data.generate)
+    for role, split in load_splits(data.root, data.splits, data.get("split_file")).items():
+        folder = extract_split(split, encoder, cfg.paths.cache_dir, data.get("image_size"), encoder.batch_size,
+                               encoder.num_workers)
+        meta = json.loads((folder / "meta.json").read_text())
+        print(f"{role} ({split.name}): {meta['n_images']} images, {meta['skipped']} unreadable -> {folder}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
