@@ -75,13 +75,14 @@ class CaptionDataModule(pl.LightningDataModule):
     def __init__(self, root=None, splits=None, encoder=None, cache_dir=None, vocab_size=10000, caption_idx=0,
                  shuffle=True, batch_size=64, seed=0, image_size=None, lowercase=True, drop_punct=True, generate=None,
                  num_workers=0, extract_batch_size=64, extract_workers=2, name="coco", resident="auto",
-                 datasets=None, vocab=None):
+                 datasets=None, vocab=None, split_file=None):
         super().__init__()
         self.root, self.splits, self.encoder_cfg = root and Path(root), dict(splits or {}), encoder
         self.cache_dir, self.vocab_size, self.caption_idx = cache_dir and Path(cache_dir), vocab_size, caption_idx
         self.shuffle, self.batch_size, self.seed, self.image_size = shuffle, batch_size, seed, image_size
         self.lowercase, self.drop_punct, self.generate, self.name = lowercase, drop_punct, generate, name
         self.num_workers, self.extract_batch_size, self.extract_workers = num_workers, extract_batch_size, extract_workers
+        self.split_file = split_file  # a Karpathy split file (dataset_*.json) instead of the COCO layout
         self.resident = resident  # features on the GPU: "auto" when they fit comfortably, or true/false
         self.vocab = vocab
         self.datasets = datasets or {}  # given directly (benchmarks) or built from the caches in setup()
@@ -96,8 +97,11 @@ class CaptionDataModule(pl.LightningDataModule):
         return preprocess_spec(self.encoder_cfg, self.image_size)
 
     def _load_splits(self):
-        # data.split_file: a Karpathy split file instead of the COCO layout (set by the constructor when given)
-        return load_splits(self.root, self.splits, getattr(self, "split_file", None))
+        # data.split_file: a Karpathy split file instead of the COCO layout (set by the constructor when given).
+        # Read once: prepare_data and setup both need the splits, and COCO's train file takes seconds to parse.
+        if getattr(self, "_splits", None) is None:
+            self._splits = load_splits(self.root, self.splits, self.split_file)
+        return self._splits
 
     def prepare_data(self):
         """Build every cache once (Lightning runs this on one process per node)."""

@@ -119,7 +119,16 @@ def build_encoder(cfg) -> nn.Module:
     return net.eval().requires_grad_(False)
 
 
+def resizing(image_size: int):
+    """PIL image -> uint8 tensor [3, size, size]. Squashes to a square (keeps the whole image in view)."""
+    return T.Compose([T.ToImage(), T.Resize((image_size, image_size), antialias=True)])
+
+
+def normalizing(mean, std):
+    """uint8 image tensor(s) -> normalised float, as the encoder expects."""
+    return T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])
+
+
 def preprocessing(image_size: int, mean, std):
-    """PIL image -> normalised float tensor. Squashes to a square (keeps the whole image in view)."""
-    return T.Compose([T.ToImage(), T.Resize((image_size, image_size), antialias=True),
-                      T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])
+    """PIL image -> normalised float tensor: `resizing` then `normalizing` (extraction runs them apart)."""
+    return T.Compose([resizing(image_size), normalizing(mean, std)])

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from captioner.coco import CaptionSplit
-from captioner.encoders import build_encoder, preprocessing
+from captioner.encoders import build_encoder, normalizing, resizing
 from captioner.utils import CaptionerError, cache_key, file_fingerprint
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ MAX_WARNINGS = 20
 
 
 class ImageFiles(Dataset):
+    """(image tensor, index, error message or ""); `transform` turns a PIL RGB image into a tensor."""
+
     def __init__(self, paths, transform, image_size):
         self.paths, self.transform = paths, transform
         self.blank = (3, image_size, image_size)  # stands in for an unreadable image; its row is dropped
@@ -44,7 +46,7 @@ class ImageFiles(Dataset):
                 # convert covers RGBA, grayscale, palette and CMYK alike
                 return self.transform(im.convert("RGB")), i, ""
         except Exception as e:  # any undecodable file is skipped, not fatal
-            return torch.zeros(self.blank), i, f"{type(e).__name__}: {e}"
+            return torch.zeros(self.blank, dtype=torch.uint8), i, f"{type(e).__name__}: {e}"
 
 
 def preprocess_spec(encoder_cfg, image_size=None) -> dict:
@@ -96,10 +98,11 @@ def _extract(split, spec, encoder_cfg, out, batch_size, num_workers, device, enc
     cuda = device.type == "cuda"
     if cuda:
         encoder = encoder.to(memory_format=torch.channels_last)
-    files = ImageFiles([split.image_dir / f for f in split.files],
-                       preprocessing(spec["image_size"], spec["mean"], spec["std"]), spec["image_size"])
-    # decoding in worker processes overlaps with the forward pass; pinned memory makes the copy to the GPU async
+    # workers decode and resize (overlapping the forward pass) and hand over uint8: a quarter of the bytes to pass
+    # between processes and to the GPU (pinned memory: an async copy); normalising is one batched op on the device
+    files = ImageFiles([split.image_dir / f for f in split.files], resizing(spec["image_size"]), spec["image_size"])
     loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda)
+    normalize = normalizing(spec["mean"], spec["std"])
     # the folder is only renamed to its final name when complete: an interrupted run leaves a .tmp folder, which
     # the next run deletes and starts over
     tmp = out.with_name(out.name + ".tmp")
@@ -112,7 +115,7 @@ def _extract(split, spec, encoder_cfg, out, batch_size, num_workers, device, enc
     with torch.inference_mode(), logging_redirect_tqdm(), \
             tqdm(total=len(files), desc=f"features {split.name}", unit="img") as bar:
         for x, idx, err in loader:
-            x = x.to(device, non_blocking=True)
+            x = normalize(x.to(device, non_blocking=True))
             if cuda:
                 x = x.to(memory_format=torch.channels_last)
             with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
@@ -128,8 +131,7 @@ def _extract(split, spec, encoder_cfg, out, batch_size, num_workers, device, enc
                     if len(failures) == MAX_WARNINGS:
                         log.warning("Further unreadable images are only listed in %s", out / "skipped.txt")
             bar.update(len(idx))
-    bad = {i for i, _ in failures}
-    keep = np.array([i for i in range(len(files)) if i not in bad], dtype=np.int64)
+    keep = np.setdiff1d(np.arange(len(files)), [i for i, _ in failures])  # rows of the readable images
     if len(keep) == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CaptionerError(f"No image of split '{split.name}' could be read; expected the image files named in "

@@ -29,7 +29,8 @@ class CaptionMonitor(Callback):
     def _due(self, trainer) -> bool:
         if self.every <= 0 or trainer.sanity_checking:
             return False
-        last = trainer.max_epochs is not None and trainer.current_epoch + 1 >= trainer.max_epochs
+        # with `iterations`, max_epochs is -1: there is no last epoch to single out
+        last = (trainer.max_epochs or 0) > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
         return (trainer.current_epoch + 1) % self.every == 0 or last
 
     @torch.no_grad()

@@ -52,13 +52,13 @@ def build_datamodule(cfg: DictConfig) -> CaptionDataModule:
         caption_idx=cfg.caption_idx, shuffle=cfg.shuffle, batch_size=cfg.batch_size, seed=cfg.seed,
         image_size=d.get("image_size"), lowercase=d.lowercase, drop_punct=d.drop_punct, generate=d.get("generate"),
         num_workers=d.num_workers, extract_batch_size=cfg.encoder.batch_size,
-        extract_workers=cfg.encoder.num_workers, name=d.name, resident=d.get("resident", "auto"))
+        extract_workers=cfg.encoder.num_workers, name=d.name, resident=d.get("resident", "auto"),
+        split_file=d.get("split_file"))
 
 
-def build_module(cfg: DictConfig, dm: CaptionDataModule) -> CaptionModule:
+def build_module(cfg: DictConfig, dm: CaptionDataModule, nlp) -> CaptionModule:
     """The model, with word vectors for the data module's vocabulary."""
     emb = OmegaConf.to_container(cfg.embeddings, resolve=True)
-    nlp = load_vectors(cfg.embeddings, cfg.paths.cache_dir)
     pretrained = has_vector = None
     if nlp is None:
         emb["dim"] = int(cfg.embeddings.dim)
@@ -86,11 +86,12 @@ def train(cfg: DictConfig) -> float:
     check_config(cfg)
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    nlp = load_vectors(cfg.embeddings, cfg.paths.cache_dir)  # first: a wrong choice fails before long extraction
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
     pl.seed_everything(cfg.seed, workers=True)  # after the caches: building them must not change the draws
-    module = build_module(cfg, dm)
+    module = build_module(cfg, dm, nlp)
     if rank_zero_only.rank == 0:
         dm.vocab.save(run_dir / "vocab.txt")
     if cfg.ckpt_path:

@@ -101,7 +101,7 @@ def test_frozen_rows_stay_fixed_and_unfrozen_rows_learn(cfg_factory, pipeline, f
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
-    module = build_module(cfg, dm)
+    module = build_module(cfg, dm, load_vectors(cfg.embeddings, cfg.paths.cache_dir))
     has = module.model.embed.has_vector
     before = module.model.embed.table().detach().clone()
     trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -124,7 +124,7 @@ def test_learned_embeddings_use_the_configured_size(cfg_factory):
     dm = build_datamodule(cfg)
     dm.prepare_data()
     dm.setup("fit")
-    module = build_module(cfg, dm)
+    module = build_module(cfg, dm, load_vectors(cfg.embeddings, cfg.paths.cache_dir))
     assert module.model.embed.table().shape == (len(dm.vocab), 24) and not module.model.embed.has_vector.any()
 
 
@@ -158,7 +158,7 @@ def test_nearest_option_re_encodes_the_captions(cfg_factory, pipeline):
     dm.prepare_data()
     dm.setup("fit")
     unk_before = int((dm.datasets["train"].ids == UNK).sum())
-    build_module(cfg, dm)
+    build_module(cfg, dm, load_vectors(cfg.embeddings, cfg.paths.cache_dir))
     words = load_words(dm.token_folder)["words"]
     itos = dm.vocab.itos
     kept = [i for i, w in enumerate(itos) if w in VECTORS]
