@@ -87,6 +87,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.vocab = vocab
         self.datasets = datasets or {}  # given directly (benchmarks) or built from the caches in setup()
         self.image_ids, self.references, self.image_paths = {}, {}, {}
+        self._splits = None
 
     @property
     def feature_dim(self) -> int:
@@ -97,9 +98,8 @@ class CaptionDataModule(pl.LightningDataModule):
         return preprocess_spec(self.encoder_cfg, self.image_size)
 
     def _load_splits(self):
-        # data.split_file: a Karpathy split file instead of the COCO layout (set by the constructor when given).
         # Read once: prepare_data and setup both need the splits, and COCO's train file takes seconds to parse.
-        if getattr(self, "_splits", None) is None:
+        if self._splits is None:
             self._splits = load_splits(self.root, self.splits, self.split_file)
         return self._splits
 

@@ -100,10 +100,10 @@ def train(cfg: DictConfig) -> float:
             raise CaptionerError(f"ckpt_path={cfg.ckpt_path} was trained with another vocabulary or encoder; "
                                  f"resume with the data, encoder and vocab_size it was trained with.")
     ckpt_dir = run_dir / "checkpoints"
+    by_loss = cfg.checkpoint_monitor in ("val/loss", "val/ppl")  # else an evaluation metric, logged every eval_every
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.checkpoint_monitor, save_last=True,
-                        mode="min" if cfg.checkpoint_monitor in ("val/loss", "val/ppl") else "max",
-                        every_n_epochs=1 if cfg.checkpoint_monitor in ("val/loss", "val/ppl") else cfg.eval_every),
+                        mode="min" if by_loss else "max", every_n_epochs=1 if by_loss else cfg.eval_every),
         ModelCheckpoint(dirpath=ckpt_dir, filename="periodic-{step}", train_time_interval=timedelta(minutes=cfg.save_every)),
         ResampleCaptions(),
         CaptionMonitor(cfg.eval_every, cfg.eval_max_images, cfg.eval_beam_size),
