@@ -25,8 +25,8 @@ def _repeat(state, k):
 
 
 def _step(model: ShowAndTell, words, state):
-    out, state = model.rnn(model.embed(words[:, None]), state)
-    logp = F.log_softmax(model.out(out[:, -1]).float(), -1)
+    logits, state = model.step(words, state)
+    logp = F.log_softmax(logits.float(), -1)
     logp[:, PAD] = NEG  # never emitted by a live caption
     logp[:, START] = NEG
     return logp, state

@@ -6,14 +6,13 @@ GloVe and text files are converted into a spaCy pipeline once and cached on disk
 """
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from captioner.utils import CaptionerError, cache_key, file_fingerprint
+from captioner.utils import CaptionerError, cache_key, cached_dir, file_fingerprint
 from captioner.vocab import SPECIALS
 
 log = logging.getLogger(__name__)
@@ -41,16 +40,7 @@ def _cached_pipeline(cache_dir, name, key, build):
     folder = Path(cache_dir) / "vectors" / f"{name}-{key}"
     if not (folder / "config.cfg").exists():
         log.info("Converting %s word vectors into a spaCy table at %s (once).", name, folder)
-        # a per-process temporary folder, renamed when complete: processes starting together (DDP) must not
-        # write into each other's folder, and an interrupted build never looks finished
-        tmp = folder.with_name(f"{folder.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.parent.mkdir(parents=True, exist_ok=True)
-        build().to_disk(tmp)
-        try:
-            tmp.rename(folder)
-        except OSError:  # another process finished first; its table is the same
-            shutil.rmtree(tmp, ignore_errors=True)
+    cached_dir(folder, lambda tmp: build().to_disk(tmp), marker="config.cfg")
     return spacy.load(folder)
 
 

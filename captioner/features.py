@@ -10,13 +10,11 @@ so that concurrent runs extract once.
 """
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -24,7 +22,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from captioner.coco import CaptionSplit
 from captioner.encoders import build_encoder, normalizing, resizing
-from captioner.utils import CaptionerError, cache_key, file_fingerprint
+from captioner.utils import CaptionerError, cache_key, cached_dir, file_fingerprint
 
 log = logging.getLogger(__name__)
 MAX_WARNINGS = 20
@@ -81,16 +79,12 @@ def extract_split(split: CaptionSplit, encoder_cfg, cache_dir, image_size=None, 
     """Extract (or find cached) features for one split; returns the cache folder."""
     spec = preprocess_spec(encoder_cfg, image_size)
     out = feature_dir(cache_dir, split, spec)
-    if (out / "meta.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{out}.lock"):  # a concurrent run waits here, then finds the finished folder
-        if not (out / "meta.json").exists():
-            _extract(split, spec, encoder_cfg, out, batch_size, num_workers, device, encoder)
-    return out
+    return cached_dir(out, lambda tmp: _extract(split, spec, encoder_cfg, tmp, batch_size, num_workers, device,
+                                                 encoder), marker="meta.json")
 
 
-def _extract(split, spec, encoder_cfg, out, batch_size, num_workers, device, encoder):
+def _extract(split, spec, encoder_cfg, tmp, batch_size, num_workers, device, encoder):
+    out = tmp.with_name(tmp.name[:-len(".tmp")])  # the final folder, for messages
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     log.info("Extracting %s features for %d images of %s into %s", spec["encoder"], len(split.image_ids),
              split.image_dir, out)
@@ -103,11 +97,6 @@ def _extract(split, spec, encoder_cfg, out, batch_size, num_workers, device, enc
     files = ImageFiles([split.image_dir / f for f in split.files], resizing(spec["image_size"]), spec["image_size"])
     loader = DataLoader(files, batch_size=batch_size, num_workers=num_workers, pin_memory=cuda)
     normalize = normalizing(spec["mean"], spec["std"])
-    # the folder is only renamed to its final name when complete: an interrupted run leaves a .tmp folder, which
-    # the next run deletes and starts over
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     feats = None
     failures = []
     start = time.perf_counter()
@@ -133,7 +122,6 @@ def _extract(split, spec, encoder_cfg, out, batch_size, num_workers, device, enc
             bar.update(len(idx))
     keep = np.setdiff1d(np.arange(len(files)), [i for i, _ in failures])  # rows of the readable images
     if len(keep) == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise CaptionerError(f"No image of split '{split.name}' could be read; expected the image files named in "
                              f"{split.annotation_file} under {split.image_dir}.")
     feats.flush()
@@ -153,5 +141,3 @@ def _extract(split, spec, encoder_cfg, out, batch_size, num_workers, device, enc
                 n_images=int(len(keep)), skipped=len(failures), seconds=round(elapsed, 2),
                 images_per_s=round(len(files) / elapsed, 1))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)

@@ -55,3 +55,9 @@ class ShowAndTell(nn.Module):
         if state is None:
             state = self.initial_state(features)
         return self.rnn(self.embed(inputs), state)
+
+    def step(self, words, state):
+        """One decoding step: the previous words [B] and the state -> next-word logits [B, V] and the new state.
+        Beam search, sampling and self-critical training all advance the RNN through this."""
+        out, state = self.rnn(self.embed(words[:, None]), state)
+        return self.out(out[:, -1]), state

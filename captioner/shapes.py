@@ -8,13 +8,12 @@ task that runs in minutes on a laptop CPU and needs no download.
 import json
 import logging
 import random
-import shutil
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from captioner.utils import atomic_write_text
+from captioner.utils import atomic_write_text, cached_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,41 +47,49 @@ def _draw(rng: random.Random, size: int, count: int, colour: str, shape: str) ->
     return img
 
 
+def _read_marker(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def make_shapes(root, splits: dict, image_px: int = 128, seed: int = 0) -> Path:
     """Write the dataset under `root` (idempotent: an existing complete dataset is reused).
 
     `splits` maps a split name ("train2017") to its number of images. The whole tree is built under a
-    temporary name and renamed at the end, so an interrupted run never leaves a dataset that looks complete.
+    temporary name and renamed at the end, under a lock, so an interrupted run never leaves a dataset that looks
+    complete and runs started together generate it once.
     """
     root = Path(root)
-    marker = root / "annotations" / ".complete.json"
     spec = {"splits": dict(splits), "image_px": image_px, "seed": seed, "version": 2}
-    if marker.exists() and json.loads(marker.read_text()) == spec:
+    complete = lambda folder: _read_marker(folder / "annotations" / ".complete.json") == spec
+    if complete(root):
         return root
+
+    def build(tmp):
+        (tmp / "annotations").mkdir()
+        combos = [(n, c, s) for n in (1, 2, 3) for c in COLOURS for s in SHAPES]
+        image_id, ann_id = 1, 1
+        for split_i, (split, n_images) in enumerate(splits.items()):
+            rng = random.Random(f"{seed}-{split_i}")
+            (tmp / split).mkdir()
+            images, annotations = [], []
+            for i in tqdm(range(n_images), desc=f"shapes {split}", unit="img", leave=False):
+                count, colour, shape = combos[rng.randrange(len(combos))]
+                name = f"{image_id:012d}.png"
+                _draw(rng, image_px, count, colour, shape).save(tmp / split / name)
+                images.append({"id": image_id, "file_name": name, "width": image_px, "height": image_px})
+                annotations.append({"id": ann_id, "image_id": image_id, "caption": caption_for(count, colour, shape)})
+                image_id += 1
+                ann_id += 1
+            coco = {"info": {"description": "captioner synthetic shapes"}, "licenses": [],
+                    "images": images, "annotations": annotations}
+            (tmp / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco))
+        atomic_write_text(tmp / "annotations" / ".complete.json", json.dumps(spec))
+
     if root.exists():
         log.info("Rebuilding the shapes dataset at %s (settings changed or incomplete).", root)
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "annotations").mkdir(parents=True)
-    combos = [(n, c, s) for n in (1, 2, 3) for c in COLOURS for s in SHAPES]
-    image_id, ann_id = 1, 1
-    for split_i, (split, n_images) in enumerate(splits.items()):
-        rng = random.Random(f"{seed}-{split_i}")
-        (tmp / split).mkdir()
-        images, annotations = [], []
-        for i in tqdm(range(n_images), desc=f"shapes {split}", unit="img", leave=False):
-            count, colour, shape = combos[rng.randrange(len(combos))]
-            name = f"{image_id:012d}.png"
-            _draw(rng, image_px, count, colour, shape).save(tmp / split / name)
-            images.append({"id": image_id, "file_name": name, "width": image_px, "height": image_px})
-            annotations.append({"id": ann_id, "image_id": image_id, "caption": caption_for(count, colour, shape)})
-            image_id += 1
-            ann_id += 1
-        coco = {"info": {"description": "captioner synthetic shapes"}, "licenses": [],
-                "images": images, "annotations": annotations}
-        (tmp / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco))
-    atomic_write_text(tmp / "annotations" / ".complete.json", json.dumps(spec))
-    shutil.rmtree(root, ignore_errors=True)
-    tmp.rename(root)
+    cached_dir(root, build, is_complete=complete)  # locked: concurrent runs generate it once
     log.info("Wrote the shapes dataset to %s (%s).", root, ", ".join(f"{k}: {v}" for k, v in splits.items()))
     return root

@@ -1,10 +1,12 @@
-"""Small shared helpers: the user-facing error type, atomic file writes and cache keys."""
+"""Small shared helpers: the user-facing error type, atomic file writes, cache keys and cache folders."""
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
+from filelock import FileLock
 
 
 class CaptionerError(Exception):
@@ -38,3 +40,28 @@ def file_fingerprint(path) -> dict:
 def cache_key(spec: dict) -> str:
     """A short stable hash of everything a cached artefact depends on."""
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cached_dir(out, build, marker: str = ".complete", is_complete=None) -> Path:
+    """The one way a cache folder is made: lock -> check -> build in a temporary folder -> rename.
+
+    `build(tmp)` fills the temporary folder; the folder appears under its final name only when complete, so an
+    interrupted build never looks finished, and concurrent processes (DDP ranks, sweep jobs) build it once: the
+    others wait on the lock and then find it. Complete means `is_complete(folder)`, by default `folder/marker`
+    exists; `build` must write the marker (or whatever `is_complete` checks) itself.
+    """
+    out = Path(out)
+    done = is_complete or (lambda d: (d / marker).exists())
+    if done(out):
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):
+        if done(out):  # another process built it while we waited
+            return out
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted build
+        tmp.mkdir()
+        build(tmp)
+        shutil.rmtree(out, ignore_errors=True)  # an incomplete or outdated folder
+        tmp.rename(out)
+    return out

@@ -11,14 +11,12 @@ no re-tokenization, only a new id lookup table.
 """
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
-from filelock import FileLock
 from tqdm import tqdm
 
-from captioner.utils import cache_key, file_fingerprint
+from captioner.utils import cache_key, cached_dir, file_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +106,8 @@ def build_tokens(splits: dict, cache_dir, lowercase=True, drop_punct=True, train
     """Tokenize every caption of every split once (cached); `splits` maps role ('train', 'val') to CaptionSplit."""
     spec = {"tokenizer": "spacy-blank-en", "lowercase": lowercase, "drop_punct": drop_punct, "train": train}
     out = token_dir(cache_dir, splits, spec)
-    if (out / "words.json").exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{out}.lock"):  # a concurrent run waits, then finds the finished cache
-        if (out / "words.json").exists():
-            return out
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted run
-        tmp.mkdir()
+
+    def build(tmp):
         tokenized = {role: tokenize([c for caps in split.captions for c in caps], lowercase, drop_punct,
                                     desc=f"tokenize {split.name}") for role, split in splits.items()}
         # training words by frequency (ties alphabetical), then words seen only outside training (alphabetical)
@@ -136,10 +127,9 @@ def build_tokens(splits: dict, cache_dir, lowercase=True, drop_punct=True, train
             np.save(tmp / f"{role}.image_ids.npy", np.asarray(split.image_ids, dtype=np.int64))
         meta = dict(spec, n_train_words=len(words), counts=[int(counts[i]) for i in order])
         (tmp / "words.json").write_text(json.dumps({"words": words + others, **meta}), encoding="utf-8")
-        shutil.rmtree(out, ignore_errors=True)
-        tmp.rename(out)
-    log.info("Tokenized %s captions into %s", {r: len(t[2]) for r, t in tokenized.items()}, out)
-    return out
+        log.info("Tokenized %s captions into %s", {r: len(t[2]) for r, t in tokenized.items()}, out)
+
+    return cached_dir(out, build, marker="words.json")
 
 
 def load_words(folder: Path) -> dict:
