@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from captioner.cli import compose_config, one_line_errors
+from captioner.decoding import decode_options
 from captioner.inference import IMAGE_SUFFIXES, Captioner, open_image
 from captioner.utils import CaptionerError, atomic_write_text
 
@@ -21,11 +22,6 @@ def expand(paths):
         else:
             files.append(p)
     return files
-
-
-def decode_options(cfg) -> dict:
-    return dict(beam_size=cfg.beam_size, max_len=cfg.max_len, n_best=cfg.n_best, length_penalty=cfg.length_penalty,
-                temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
 
 
 def caption_files(captioner: Captioner, files, batch_size=64, **decode):

@@ -4,28 +4,22 @@ Batches are assembled with whole-array numpy indexing (`__getitems__`), so there
 work in the training loop. Each image is one sample per epoch; `caption_idx` picks which of its captions:
 a fixed index (modulo the image's caption count) when >= 0, or a random one per image per epoch when < 0.
 """
-import logging
-from pathlib import Path
-
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset
 
-from captioner.coco import load_splits
-from captioner.features import extract_split, feature_dir, load_features, preprocess_spec
-from captioner.shapes import make_shapes
-from captioner.vocab import END, PAD, START, Vocabulary, build_tokens, coverage, load_words, token_dir
-
-log = logging.getLogger(__name__)
+from captioner.vocab import END, PAD, START
 
 
 class CaptionBatches(Dataset):
     """One item per image; `__getitems__` builds a whole padded batch at once."""
 
-    def __init__(self, features, feat_rows, ids, offsets, cap_start, cap_count, caption_idx=0, seed=0):
+    def __init__(self, features, feat_rows, ids, offsets, cap_start, cap_count, caption_idx=0, seed=0,
+                 image_ids=None):
         self.features, self.feat_rows = features, feat_rows
+        self.image_ids = image_ids  # the image id of each item (for captioning validation images)
         self.ids, self.offsets = ids, offsets
         self.cap_start, self.cap_count = cap_start, cap_count
         self.caption_idx, self.seed = caption_idx, seed
@@ -72,84 +66,28 @@ def _batch_is_ready(batch):
 
 
 class CaptionDataModule(pl.LightningDataModule):
-    def __init__(self, root=None, splits=None, encoder=None, cache_dir=None, vocab_size=10000, caption_idx=0,
-                 shuffle=True, batch_size=64, seed=0, image_size=None, lowercase=True, drop_punct=True, generate=None,
-                 num_workers=0, extract_batch_size=64, extract_workers=2, name="coco", resident="auto",
-                 datasets=None, vocab=None, split_file=None):
+    """Batches prepared datasets (see captioner.prepare); builds nothing itself.
+
+    `datasets` maps a role ('train', 'val') to CaptionBatches; `val_references` maps each validation image id to
+    its reference captions and `val_paths` to its file, for captioning validation images during training.
+    """
+
+    def __init__(self, datasets: dict, batch_size=64, shuffle=True, num_workers=0, resident="auto",
+                 val_references=None, val_paths=None):
         super().__init__()
-        self.root, self.splits, self.encoder_cfg = root and Path(root), dict(splits or {}), encoder
-        self.cache_dir, self.vocab_size, self.caption_idx = cache_dir and Path(cache_dir), vocab_size, caption_idx
-        self.shuffle, self.batch_size, self.seed, self.image_size = shuffle, batch_size, seed, image_size
-        self.lowercase, self.drop_punct, self.generate, self.name = lowercase, drop_punct, generate, name
-        self.num_workers, self.extract_batch_size, self.extract_workers = num_workers, extract_batch_size, extract_workers
-        self.split_file = split_file  # a Karpathy split file (dataset_*.json) instead of the COCO layout
+        self.datasets, self.batch_size, self.shuffle, self.num_workers = datasets, batch_size, shuffle, num_workers
         self.resident = resident  # features on the GPU: "auto" when they fit comfortably, or true/false
-        self.vocab = vocab
-        self.datasets = datasets or {}  # given directly (benchmarks) or built from the caches in setup()
-        self.image_ids, self.references, self.image_paths = {}, {}, {}
-        self._splits = None
+        self.val_references, self.val_paths = val_references or {}, val_paths or {}
 
     @property
     def feature_dim(self) -> int:
         return self.datasets["train"].features.shape[1]
 
-    @property
-    def preprocess(self) -> dict:
-        return preprocess_spec(self.encoder_cfg, self.image_size)
-
-    def _load_splits(self):
-        # Read once: prepare_data and setup both need the splits, and COCO's train file takes seconds to parse.
-        if self._splits is None:
-            self._splits = load_splits(self.root, self.splits, self.split_file)
-        return self._splits
-
-    def prepare_data(self):
-        """Build every cache once (Lightning runs this on one process per node)."""
-        if self.datasets:
-            return
-        if self.generate:
-            make_shapes(self.root, self.generate)
-        splits = self._load_splits()
-        build_tokens(splits, self.cache_dir, self.lowercase, self.drop_punct)
-        for split in splits.values():
-            if not (feature_dir(self.cache_dir, split, self.preprocess) / "meta.json").exists():
-                log.info("Features for %s with %s are missing: extracting them now.", split.name, self.encoder_cfg.name)
-            extract_split(split, self.encoder_cfg, self.cache_dir, self.image_size, self.extract_batch_size,
-                          self.extract_workers)
-
-    def setup(self, stage=None):
-        if self.datasets:
-            return
-        splits = self._load_splits()
-        tokens = token_dir(self.cache_dir, splits, {"tokenizer": "spacy-blank-en", "lowercase": self.lowercase,
-                                                    "drop_punct": self.drop_punct, "train": "train"})
-        self.token_folder = tokens
-        meta = load_words(tokens)
-        self.vocab = Vocabulary.from_words(meta["words"], meta["n_train_words"], self.vocab_size)
-        self.coverage = coverage(meta, self.vocab_size)
-        log.info("Vocabulary: %d words + %d special tokens, covering %.1f%% of training tokens.",
-                 len(self.vocab) - 4, 4, 100 * self.coverage)
-        for role, split in splits.items():
-            feats, feat_ids = load_features(feature_dir(self.cache_dir, split, self.preprocess))
-            # for decoding during training: which image each feature row is, its captions and its file
-            self.image_ids[role] = feat_ids
-            self.references[role] = dict(zip(split.image_ids, split.captions))
-            self.image_paths[role] = {i: split.image_dir / f for i, f in zip(split.image_ids, split.files)}
-            tok_ids = np.load(tokens / f"{role}.image_ids.npy")
-            img_caps = np.load(tokens / f"{role}.img_caps.npy")
-            pos = np.searchsorted(tok_ids, feat_ids)  # both sorted by image id; features may skip unreadable images
-            self.datasets[role] = CaptionBatches(
-                feats, np.arange(len(feat_ids)),
-                self.vocab.encode(np.load(tokens / f"{role}.tokens.npy", mmap_mode="r")),
-                np.load(tokens / f"{role}.offsets.npy"), img_caps[pos], img_caps[pos + 1] - img_caps[pos],
-                self.caption_idx, self.seed)
-
-    def remap_words(self, remap: dict):
-        """Point some out-of-vocabulary word ids at other vocabulary ids (instead of <unk>) and re-encode."""
-        for word_id, vocab_id in remap.items():
-            self.vocab.lut[word_id] = vocab_id
-        for role, ds in self.datasets.items():
-            ds.ids = self.vocab.encode(np.load(self.token_folder / f"{role}.tokens.npy", mmap_mode="r"))
+    def val_images(self, max_images=None):
+        """(features [n, dim] float32, image id per row) of the first `max_images` validation images."""
+        ds = self.datasets["val"]
+        n = len(ds) if max_images is None else min(max_images, len(ds))
+        return ds.__getitems__(np.arange(n))[0], ds.image_ids[:n]
 
     def _loader(self, role, shuffle):
         return DataLoader(self.datasets[role], batch_size=self.batch_size, shuffle=shuffle,

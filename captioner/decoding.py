@@ -10,6 +10,7 @@ from captioner.model import ShowAndTell
 from captioner.vocab import END, PAD, START
 
 NEG = -1e9
+DECODE_KEYS = ("beam_size", "max_len", "n_best", "length_penalty", "temperature", "top_k", "seed")
 
 
 def _reorder(state, index):
@@ -97,3 +98,21 @@ def sample(model: ShowAndTell, features, max_len=20, temperature=1.0, top_k=0, g
         out.append(words)
         done |= words == END
     return torch.stack(out, 1), total
+
+
+def decode_options(cfg) -> dict:
+    """The decoding keys of a command's config (conf/decode/ plus its sampling `seed`)."""
+    return {k: cfg[k] for k in DECODE_KEYS if k in cfg}
+
+
+@torch.no_grad()
+def captions(model: ShowAndTell, vocab, features, beam_size=3, max_len=20, n_best=1, length_penalty=0.0,
+             temperature=None, top_k=0, seed=None):
+    """Features [B, dim] -> one list of (caption, probability) per image, probabilities normalised over that
+    list; with `temperature` set, one sampled caption per image instead of beam search."""
+    if temperature is not None:
+        g = torch.Generator(features.device).manual_seed(seed) if seed is not None else None
+        tokens, _ = sample(model, features, max_len, temperature, top_k, g)
+        return [[(vocab.decode(t), 1.0)] for t in tokens.tolist()]
+    tokens, _, probs = beam_search(model, features, beam_size, max_len, length_penalty, n_best)
+    return [[(vocab.decode(t), p) for t, p in zip(ts, ps)] for ts, ps in zip(tokens.tolist(), probs.tolist())]

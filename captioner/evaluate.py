@@ -15,6 +15,7 @@ from pathlib import Path
 
 from captioner.cli import compose_config, one_line_errors
 from captioner.coco import CaptionSplit, load_split
+from captioner.decoding import decode_options
 from captioner.metrics import score
 from captioner.utils import CaptionerError, atomic_write_text
 
@@ -87,8 +88,7 @@ def main(argv=None):
 
         split = load_split(cfg.data.root, cfg.data.splits.get(cfg.split, cfg.split))
         captioner = Captioner(cfg.ckpt_path, cfg.device)
-        decode = dict(beam_size=cfg.beam_size, max_len=cfg.max_len, length_penalty=cfg.length_penalty,
-                      temperature=cfg.temperature, top_k=cfg.top_k, seed=cfg.seed)
+        decode = decode_options(cfg)
         results, metrics = evaluate_split(captioner, split, cfg.max_images, cfg.batch_size, cfg.spice, **decode)
         out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(captioner.ckpt_path)
         stem = f"{split.name}-{captioner.ckpt_path.stem}"

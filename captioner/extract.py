@@ -8,9 +8,8 @@ import json
 import sys
 
 from captioner.cli import compose_config, one_line_errors
-from captioner.coco import load_splits
 from captioner.features import extract_split
-from captioner.shapes import make_shapes
+from captioner.prepare import read_splits
 
 
 @one_line_errors
@@ -19,9 +18,7 @@ def main(argv=None):
     # the training config's paths.run_dir needs Hydra's runtime; nothing is written there, so any value does
     cfg = compose_config("config", ["paths.run_dir=.", *argv])
     data, encoder = cfg.data, cfg.encoder
-    if data.get("generate"):
-        make_shapes(data.root, data.generate)
-    for role, split in load_splits(data.root, data.splits, data.get("split_file")).items():
+    for role, split in read_splits(data).items():
         folder = extract_split(split, encoder, cfg.paths.cache_dir, data.get("image_size"), encoder.batch_size,
                                encoder.num_workers)
         meta = json.loads((folder / "meta.json").read_text())

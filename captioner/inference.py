@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from captioner.decoding import beam_search, sample
+from captioner.decoding import captions
 from captioner.encoders import build_encoder, preprocessing
 from captioner.module import CaptionModule
 from captioner.utils import CaptionerError
@@ -68,20 +68,10 @@ class Captioner:
         with torch.autocast(**self.autocast):
             return self.encoder(x).float()
 
-    @torch.no_grad()
-    def caption_features(self, features, beam_size=3, max_len=20, n_best=1, length_penalty=0.0,
-                         temperature=None, top_k=0, seed=None):
-        """-> one list of (caption, probability) per image; probabilities are normalised over that list.
-        With `temperature` set, samples instead of beam search (one caption per image)."""
-        features = features.to(self.device)
+    def caption_features(self, features, **decode):
+        """-> one list of (caption, probability) per image (see captioner.decoding.captions for the options)."""
         with torch.autocast(**self.autocast):
-            if temperature is not None:
-                g = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
-                tokens, _ = sample(self.model, features, max_len, temperature, top_k, g)
-                return [[(self.vocab.decode(t.tolist()), 1.0)] for t in tokens]
-            tokens, _, probs = beam_search(self.model, features, beam_size, max_len, length_penalty, n_best)
-        tokens, probs = tokens.cpu().tolist(), probs.cpu().tolist()
-        return [[(self.vocab.decode(t), p) for t, p in zip(ts, ps)] for ts, ps in zip(tokens, probs)]
+            return captions(self.model, self.vocab, features.to(self.device), **decode)
 
     def caption(self, images, **decode):
         return self.caption_features(self.features(images), **decode)

@@ -8,12 +8,11 @@ broadcast, so every process logs the same numbers.
 import logging
 
 import numpy as np
-import torch
 from PIL import Image
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
-from captioner.decoding import beam_search
+from captioner.decoding import captions
 from captioner.metrics import score
 
 log = logging.getLogger(__name__)
@@ -21,9 +20,9 @@ LOGGED = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 
 
 class CaptionMonitor(Callback):
-    def __init__(self, every_n_epochs=5, max_images=500, beam_size=3, max_len=20, samples=6, batch_size=256):
+    def __init__(self, every_n_epochs, max_images, beam_size, max_len, length_penalty, samples=6, batch_size=256):
         self.every, self.max_images, self.samples = every_n_epochs, max_images, samples
-        self.decode = dict(beam_size=beam_size, max_len=max_len)
+        self.decode = dict(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
         self.batch_size = batch_size
 
     def _due(self, trainer) -> bool:
@@ -33,17 +32,15 @@ class CaptionMonitor(Callback):
         last = (trainer.max_epochs or 0) > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
         return (trainer.current_epoch + 1) % self.every == 0 or last
 
-    @torch.no_grad()
     def captions(self, pl_module, dm):
-        ds, ids = dm.datasets["val"], dm.image_ids["val"][:self.max_images]
-        rows = np.arange(len(ids))
+        """Beam-search captions of the first `max_images` validation images, as COCO results."""
+        feats, ids = dm.val_images(self.max_images)
         out = []
         was_training = pl_module.training
         pl_module.eval()
-        for s in range(0, len(rows), self.batch_size):
-            feats = ds.__getitems__(rows[s:s + self.batch_size])[0].to(pl_module.device)
-            tokens, _, _ = beam_search(pl_module.model, feats, **self.decode)
-            out += [pl_module.vocab.decode(t) for t in tokens[:, 0].tolist()]
+        for s in range(0, len(ids), self.batch_size):
+            batch = feats[s:s + self.batch_size].to(pl_module.device)
+            out += [c[0][0] for c in captions(pl_module.model, pl_module.vocab, batch, **self.decode)]
         pl_module.train(was_training)
         return [{"image_id": int(i), "caption": c} for i, c in zip(ids, out)]
 
@@ -54,7 +51,7 @@ class CaptionMonitor(Callback):
         results = self.captions(pl_module, dm)
         metrics = None
         if trainer.is_global_zero:
-            references = {r["image_id"]: dm.references["val"][r["image_id"]] for r in results}
+            references = {r["image_id"]: dm.val_references[r["image_id"]] for r in results}
             metrics = {k: v for k, v in score(results, references, spice=False).items() if k in LOGGED}
             self.log_samples(trainer, dm, results, references)
         metrics = trainer.strategy.broadcast(metrics)
@@ -72,7 +69,7 @@ class CaptionMonitor(Callback):
         for r in results[:self.samples]:
             refs = " / ".join(references[r["image_id"]])
             lines.append(f"| {r['image_id']} | {r['caption']} | {refs} |")
-            path = dm.image_paths["val"].get(r["image_id"])
+            path = dm.val_paths.get(r["image_id"])
             try:
                 with Image.open(path) as im:
                     im = im.convert("RGB")

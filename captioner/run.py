@@ -2,7 +2,6 @@
 import json
 import logging
 import sys
-from datetime import timedelta
 from pathlib import Path
 
 import hydra
@@ -11,17 +10,14 @@ from hydra.types import RunMode
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 
-from captioner.data import CaptionDataModule, ResampleCaptions
-from captioner.embeddings import embedding_matrix, load_vectors, nearest_kept
-from captioner.history import History
+from captioner.data import CaptionDataModule
+from captioner.embeddings import load_vectors
 from captioner.model import RNNS
 from captioner.module import CaptionModule
-from captioner.monitor import CaptionMonitor
-from captioner.utils import CaptionerError, atomic_write_text
-from captioner.vocab import load_words
+from captioner.prepare import prepare, word_vectors
+from captioner.utils import METRICS_FILE, CaptionerError, atomic_write_text
 
 log = logging.getLogger("captioner")
 
@@ -45,40 +41,36 @@ def check_config(cfg: DictConfig) -> None:
         raise CaptionerError(f"ckpt_path={cfg.ckpt_path} does not exist; expected a .ckpt file to resume from.")
 
 
-def build_datamodule(cfg: DictConfig) -> CaptionDataModule:
-    d = cfg.data
-    return CaptionDataModule(
-        root=d.root, splits=d.splits, encoder=cfg.encoder, cache_dir=cfg.paths.cache_dir, vocab_size=cfg.vocab_size,
-        caption_idx=cfg.caption_idx, shuffle=cfg.shuffle, batch_size=cfg.batch_size, seed=cfg.seed,
-        image_size=d.get("image_size"), lowercase=d.lowercase, drop_punct=d.drop_punct, generate=d.get("generate"),
-        num_workers=d.num_workers, extract_batch_size=cfg.encoder.batch_size,
-        extract_workers=cfg.encoder.num_workers, name=d.name, resident=d.get("resident", "auto"),
-        split_file=d.get("split_file"))
-
-
-def build_module(cfg: DictConfig, dm: CaptionDataModule, nlp) -> CaptionModule:
-    """The model, with word vectors for the data module's vocabulary."""
-    emb = OmegaConf.to_container(cfg.embeddings, resolve=True)
-    pretrained = has_vector = None
-    if nlp is None:
-        emb["dim"] = int(cfg.embeddings.dim)
-    else:
-        pretrained, has_vector = embedding_matrix(nlp, dm.vocab.itos)
-        emb["dim"] = pretrained.shape[1]
-        emb["coverage"] = float(has_vector[4:].float().mean()) if len(has_vector) > 4 else 0.0
-        log.info("Word vectors %s: %.1f%% of vocabulary words have a pretrained vector.", cfg.embeddings.name,
-                 100 * emb["coverage"])
-        if cfg.embeddings.get("nearest"):
-            words = load_words(dm.token_folder)["words"]
-            remap = nearest_kept(nlp, dm.vocab.itos, words, len(dm.vocab) - 4)
-            dm.remap_words(remap)
-            log.info("Mapped %d out-of-vocabulary words to their nearest kept word instead of <unk>.", len(remap))
-    return CaptionModule(
-        itos=dm.vocab.itos, feature_dim=dm.feature_dim, preprocess=dm.preprocess, embeddings=emb,
+def build(cfg: DictConfig, nlp=None):
+    """The prepared data (every cache built or found), its vocabulary, the data module and the model."""
+    prepared = prepare(cfg.data, cfg.encoder, cfg.paths.cache_dir)
+    vocab = prepared.vocabulary(cfg.vocab_size)
+    emb, pretrained, has_vector = word_vectors(nlp, vocab, OmegaConf.to_container(cfg.embeddings, resolve=True),
+                                               prepared.words["words"])
+    val = prepared.splits["val"]
+    dm = CaptionDataModule(prepared.datasets(vocab, cfg.caption_idx, cfg.seed), cfg.batch_size, cfg.shuffle,
+                           cfg.data.num_workers, cfg.data.resident, val_references=dict(zip(val.image_ids, val.captions)),
+                           val_paths={i: val.image_dir / f for i, f in zip(val.image_ids, val.files)})
+    pl.seed_everything(cfg.seed, workers=True)  # after the caches: building them must not change the draws
+    module = CaptionModule(
+        itos=vocab.itos, feature_dim=prepared.feature_dim, preprocess=prepared.preprocess, embeddings=emb,
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, rnn_type=cfg.rnn_type,
         optimizer=OmegaConf.to_container(cfg.optimizers[cfg.optimizer], resolve=True),
         learning_rate=cfg.learning_rate, config=OmegaConf.to_container(cfg, resolve=True),
         pretrained=pretrained, has_vector=has_vector, blind=cfg.blind)
+    return prepared, vocab, dm, module
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    """The `callbacks/` group, instantiated. best.ckpt follows its metric: a loss is minimised and logged every
+    epoch; an evaluation metric (val/CIDEr, ...) is maximised and logged every eval_every epochs."""
+    by_loss = cfg.checkpoint_monitor in ("val/loss", "val/ppl")
+    schedule = {"best_checkpoint": dict(mode="min" if by_loss else "max",
+                                        every_n_epochs=1 if by_loss else cfg.eval_every)}
+    if not cfg.trainer.get("enable_progress_bar", True):
+        schedule["progress_bar"] = None
+    return [hydra.utils.instantiate(c, **schedule.get(name, {})) for name, c in cfg.callbacks.items()
+            if c is not None and schedule.get(name, {}) is not None]
 
 
 def train(cfg: DictConfig) -> float:
@@ -87,33 +79,18 @@ def train(cfg: DictConfig) -> float:
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     nlp = load_vectors(cfg.embeddings, cfg.paths.cache_dir)  # first: a wrong choice fails before long extraction
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup("fit")
-    pl.seed_everything(cfg.seed, workers=True)  # after the caches: building them must not change the draws
-    module = build_module(cfg, dm, nlp)
+    prepared, vocab, dm, module = build(cfg, nlp)
     if rank_zero_only.rank == 0:
-        dm.vocab.save(run_dir / "vocab.txt")
+        vocab.save(run_dir / "vocab.txt")
     if cfg.ckpt_path:
         saved = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["hyper_parameters"]
-        if saved["itos"] != dm.vocab.itos or saved["feature_dim"] != dm.feature_dim:
+        if saved["itos"] != vocab.itos or saved["feature_dim"] != prepared.feature_dim:
             raise CaptionerError(f"ckpt_path={cfg.ckpt_path} was trained with another vocabulary or encoder; "
                                  f"resume with the data, encoder and vocab_size it was trained with.")
     ckpt_dir = run_dir / "checkpoints"
-    by_loss = cfg.checkpoint_monitor in ("val/loss", "val/ppl")  # else an evaluation metric, logged every eval_every
-    callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.checkpoint_monitor, save_last=True,
-                        mode="min" if by_loss else "max", every_n_epochs=1 if by_loss else cfg.eval_every),
-        ModelCheckpoint(dirpath=ckpt_dir, filename="periodic-{step}", train_time_interval=timedelta(minutes=cfg.save_every)),
-        ResampleCaptions(),
-        CaptionMonitor(cfg.eval_every, cfg.eval_max_images, cfg.eval_beam_size),
-        History(run_dir, cfg.write_every),
-    ]
-    if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_every))
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     steps = dict(max_steps=cfg.iterations, max_epochs=-1) if cfg.iterations > 0 else dict(max_epochs=cfg.epochs)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **steps)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=logger, **steps)
     if logger:
         logger.log_hyperparams({k: v for k, v in module.hparams.config.items() if not isinstance(v, dict)})
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
@@ -122,7 +99,7 @@ def train(cfg: DictConfig) -> float:
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     final.update(steps=trainer.global_step, checkpoint=str(ckpt_dir / "last.ckpt"))
     if trainer.is_global_zero:
-        atomic_write_text(run_dir / "metrics.json", json.dumps(final, indent=1))
+        atomic_write_text(run_dir / METRICS_FILE, json.dumps(final, indent=1))
     log.info("Finished: %d steps, val/ppl %s, run dir %s", trainer.global_step,
              f"{final['val/ppl']:.3f}" if "val/ppl" in final else "n/a", run_dir)
     return final.get(cfg.get("optimized_metric") or "val/ppl", float("nan"))

@@ -12,9 +12,10 @@ from pathlib import Path
 
 from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from captioner.utils import atomic_write_text
+from captioner.utils import METRICS_FILE, atomic_write_text
 
 COLUMNS = ["job", "status", "overrides", "val/loss", "val/ppl", "steps", "wall_s", "run_dir", "checkpoint", "error"]
 
@@ -24,10 +25,10 @@ class SweepResults(Callback):
         self.start = time.time()
 
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        if config.hydra.mode is None or str(config.hydra.mode) != "RunMode.MULTIRUN":
+        if config.hydra.mode != RunMode.MULTIRUN:
             return
         run_dir = Path(config.hydra.runtime.output_dir)
-        metrics_file = run_dir / "metrics.json"
+        metrics_file = run_dir / METRICS_FILE
         metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         failed = job_return.status != JobStatus.COMPLETED
         row = {"job": config.hydra.job.num, "status": "failed" if failed else "completed",

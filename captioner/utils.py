@@ -9,6 +9,9 @@ import numpy as np
 from filelock import FileLock
 
 
+METRICS_FILE = "metrics.json"  # a training run's final metrics, in its run dir (read by the sweep table)
+
+
 class CaptionerError(Exception):
     """A problem with the user's input or configuration, reported as one sentence (no stack trace)."""
 

@@ -60,6 +60,7 @@ def test_same_caption_as_direct_decoding_and_sampling_is_seedable(trained, image
     assert a == captioner.caption([im], temperature=1.0, top_k=5, seed=3)
 
 
+@pytest.mark.slow
 def test_cli_last_checkpoint_and_clear_errors(trained, images, tmp_path):
     run_dir = tmp_path / "outputs" / "runs" / "x" / "checkpoints"
     run_dir.mkdir(parents=True)

@@ -12,6 +12,7 @@ from PIL import Image
 from captioner.cli import compose_config
 from captioner.coco import load_karpathy_split, load_split, load_splits
 from captioner.data import CaptionDataModule
+from captioner.prepare import prepare
 from captioner.utils import CaptionerError
 from captioner.vocab import build_tokens, load_words
 from conftest import require_coco_mini, run_module
@@ -185,17 +186,16 @@ def test_karpathy_config_trains_on_train_plus_restval(tmp_path):
     assert Path(cfg.data.split_file) == split_file
     assert {r: s.image_ids for r, s in load_splits(root, cfg.data.splits, cfg.data.split_file).items()} == \
         {"train": [4998, 4999, 5000], "val": [4996, 4997]}
-    dm = CaptionDataModule(root=root, splits=cfg.data.splits, encoder=OmegaConf.create(LITE0),
-                           cache_dir=tmp_path / "cache", batch_size=2, extract_workers=0)
-    dm.split_file = cfg.data.split_file  # what the constructor sets from data.split_file
-    dm.prepare_data()
-    dm.setup("fit")
+    prepared = prepare(cfg.data, OmegaConf.create(LITE0), tmp_path / "cache")
+    vocab = prepared.vocabulary(100)
+    dm = CaptionDataModule(prepared.datasets(vocab), batch_size=2)
     assert len(dm.datasets["train"]) == 3 and len(dm.datasets["val"]) == 2
-    assert {"photo", "légende", "restval"} <= set(dm.vocab.itos)
+    assert {"photo", "légende", "restval"} <= set(vocab.itos)
     feats, _, targets = next(iter(dm.train_dataloader()))
     assert feats.shape == (2, 1280) and targets.shape[0] == 2
 
 
+@pytest.mark.slow
 def test_training_on_a_broken_copy_follows_the_policy(cfg_factory, tmp_path, caplog):
     from captioner.run import train
 
@@ -220,6 +220,7 @@ def test_training_on_a_broken_copy_follows_the_policy(cfg_factory, tmp_path, cap
     assert (Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_extract_command_prints_each_split_folder_and_reuses_it(tmp_path, capsys):
     from captioner.extract import main
 

@@ -16,7 +16,8 @@ from captioner import embeddings
 from captioner.embeddings import embedding_matrix, load_vectors, nearest_kept
 from captioner.inference import Captioner
 from captioner.module import CaptionModule
-from captioner.run import build_datamodule, build_module, train
+from captioner.prepare import prepare
+from captioner.run import build, train
 from captioner.utils import CaptionerError
 from captioner.vocab import SPECIALS, UNK, load_words
 from conftest import run_module
@@ -55,6 +56,7 @@ def test_pipeline_by_path_gives_the_source_vectors_and_learned_rows_for_the_rest
     assert not matrix[:4].any() and not matrix[5].any()
 
 
+@pytest.mark.slow
 def test_training_with_a_pipeline_keeps_vocabulary_and_vectors_in_the_checkpoint(cfg_factory, pipeline, caplog):
     caplog.set_level(logging.INFO)
     cfg = cfg_factory("embeddings=en_core_web_lg", f"embeddings.pipeline={pipeline}", "iterations=2",
@@ -89,19 +91,14 @@ def test_training_with_a_pipeline_keeps_vocabulary_and_vectors_in_the_checkpoint
 
 
 def _token_folder(cfg):
-    dm = build_datamodule(cfg)
-    dm.setup("fit")
-    return dm.token_folder
+    return prepare(cfg.data, cfg.encoder, cfg.paths.cache_dir).tokens
 
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_frozen_rows_stay_fixed_and_unfrozen_rows_learn(cfg_factory, pipeline, freeze):
     cfg = cfg_factory("embeddings=en_core_web_lg", f"embeddings.pipeline={pipeline}", f"embeddings.freeze={freeze}",
                       "learning_rate=0.01")
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup("fit")
-    module = build_module(cfg, dm, load_vectors(cfg.embeddings, cfg.paths.cache_dir))
+    _, vocab, dm, module = build(cfg, load_vectors(cfg.embeddings, cfg.paths.cache_dir))
     has = module.model.embed.has_vector
     before = module.model.embed.table().detach().clone()
     trainer = pl.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -109,23 +106,20 @@ def test_frozen_rows_stay_fixed_and_unfrozen_rows_learn(cfg_factory, pipeline, f
     trainer.fit(module, datamodule=dm)
     after = module.model.embed.table().detach()
     assert has.sum() >= 3 and (~has).sum() >= 5
-    start = dm.vocab.itos.index("<start>")
+    start = vocab.itos.index("<start>")
     assert not torch.equal(after[start], before[start]), "special tokens always learn"
     assert not torch.equal(after[~has], before[~has]), "words without a vector always learn"
     if freeze:
         assert torch.equal(after[has], before[has])
     else:
-        picture = dm.vocab.itos.index("picture")  # in every caption
+        picture = vocab.itos.index("picture")  # in every caption
         assert not torch.equal(after[picture], before[picture]), "fine-tuning moves pretrained rows"
 
 
 def test_learned_embeddings_use_the_configured_size(cfg_factory):
     cfg = cfg_factory("embeddings=learned", "embeddings.dim=24")
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup("fit")
-    module = build_module(cfg, dm, load_vectors(cfg.embeddings, cfg.paths.cache_dir))
-    assert module.model.embed.table().shape == (len(dm.vocab), 24) and not module.model.embed.has_vector.any()
+    _, vocab, _, module = build(cfg, load_vectors(cfg.embeddings, cfg.paths.cache_dir))
+    assert module.model.embed.table().shape == (len(vocab), 24) and not module.model.embed.has_vector.any()
 
 
 def test_a_vocab_size_change_gives_another_vocabulary_from_the_same_tokens(cfg_factory):
@@ -154,13 +148,13 @@ def test_nearest_kept_maps_an_unknown_word_to_the_closest_kept_word(pipeline, tm
 def test_nearest_option_re_encodes_the_captions(cfg_factory, pipeline):
     cfg = cfg_factory("embeddings=en_core_web_lg", f"embeddings.pipeline={pipeline}", "embeddings.nearest=true",
                       "vocab_size=5")
-    dm = build_datamodule(cfg)
-    dm.prepare_data()
-    dm.setup("fit")
-    unk_before = int((dm.datasets["train"].ids == UNK).sum())
-    build_module(cfg, dm, load_vectors(cfg.embeddings, cfg.paths.cache_dir))
-    words = load_words(dm.token_folder)["words"]
-    itos = dm.vocab.itos
+    plain = cfg.copy()
+    plain.embeddings.nearest = False
+    unk_before = int((build(plain, load_vectors(plain.embeddings, plain.paths.cache_dir))[2].datasets["train"].ids
+                      == UNK).sum())
+    prepared, vocab, dm, _ = build(cfg, load_vectors(cfg.embeddings, cfg.paths.cache_dir))
+    words = prepared.words["words"]
+    itos = vocab.itos
     kept = [i for i, w in enumerate(itos) if w in VECTORS]
     assert kept, "'picture' is in every caption, so it is kept"
 
@@ -168,7 +162,7 @@ def test_nearest_option_re_encodes_the_captions(cfg_factory, pipeline):
         return np.asarray(VECTORS[w]) / np.linalg.norm(VECTORS[w])
     for j, word in enumerate(words[5:], 5):
         expected = kept[int(np.argmax([unit(itos[i]) @ unit(word) for i in kept]))] if word in VECTORS else UNK
-        assert dm.vocab.lut[j] == expected, word
+        assert vocab.lut[j] == expected, word
     assert int((dm.datasets["train"].ids == UNK).sum()) < unk_before
 
 
@@ -232,6 +226,7 @@ def test_a_missing_spacy_pipeline_says_how_to_install_it(cfg_factory):
     assert "\n" not in message
 
 
+@pytest.mark.slow
 def test_the_cli_reports_a_missing_pipeline_in_one_line(data_dir, tmp_path):
     pytest.importorskip("spacy")
     import spacy.util

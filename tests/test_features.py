@@ -84,6 +84,7 @@ def test_unreadable_images_are_skipped_warned_listed_and_counted(tmp_path, caplo
     assert json.loads((folder / "meta.json").read_text())["skipped"] == 4
 
 
+@pytest.mark.slow
 def test_warnings_stop_at_the_limit_but_every_file_is_listed(tmp_path, caplog):
     split = write_split(tmp_path / "data", MAX_WARNINGS + 6)
     for f in split.files[:-1]:
@@ -206,6 +207,7 @@ def test_other_encoders_come_from_timm_or_a_clear_message():
             build_encoder(OmegaConf.create({"name": "no_such_net", "weights": None}))
 
 
+@pytest.mark.slow
 def test_timm_model_from_a_local_weights_file(tmp_path, no_network):
     timm = pytest.importorskip("timm")
     name = "resnet10t"

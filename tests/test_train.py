@@ -67,6 +67,7 @@ def run_cli(*args, cwd):
     return run_module("captioner.run", *args, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_cli_reports_a_bad_value_in_one_line(tmp_path, data_dir):
     r = run_cli("rnn_type=foo", f"paths.data_dir={data_dir}", "experiment=smoke", cwd=tmp_path)
     assert r.returncode != 0
