@@ -112,7 +112,7 @@ def locate_images(image_root: Path, files: dict, coco_ids: set, name: str, split
     return files
 
 
-def load_karpathy_split(split_file, image_root, split_names, find_images=True) -> CaptionSplit:
+def load_karpathy_split(split_file, image_root, split_names, find_images=True, data=None) -> CaptionSplit:
     """The images of a Karpathy split file whose `split` is one of `split_names` (e.g. ["train", "restval"]).
 
     Image ids are the COCO ids where the file has them (`cocoid`), else its own `imgid`; files are
@@ -129,7 +129,7 @@ def load_karpathy_split(split_file, image_root, split_names, find_images=True) -
     if not image_root.is_dir():
         raise CaptionerError(f"Image folder {image_root} does not exist; expected the images named in {split_file} "
                              f"under it (data.root).")
-    data = _read_json(split_file, expected)
+    data = _read_json(split_file, expected) if data is None else data  # COCO's takes ~5 s to parse: pass it once
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise CaptionerError(f"{split_file} is not a Karpathy split file; expected a JSON object with an 'images' "
                              f"list of {{filename, split, sentences}} entries.")
@@ -161,5 +161,7 @@ def load_splits(root, splits: dict, split_file=None, find_images=True) -> dict:
     """Role ('train', 'val', ...) -> CaptionSplit: from the COCO layout under `root`, or, with `split_file`, from a
     Karpathy split file, where each role names a list of its splits (train: [train, restval])."""
     if split_file:
-        return {role: load_karpathy_split(split_file, root, names, find_images) for role, names in splits.items()}
+        data = _read_json(Path(split_file), "a Karpathy split file") if Path(split_file).is_file() else None
+        return {role: load_karpathy_split(split_file, root, names, find_images, data)
+                for role, names in splits.items()}
     return {role: load_split(root, name) for role, name in splits.items()}
