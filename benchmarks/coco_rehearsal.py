@@ -29,6 +29,8 @@ from datetime import datetime
 from multiprocessing import Pool
 from pathlib import Path
 
+from tqdm import tqdm
+
 ROOT = Path(__file__).resolve().parents[1]
 COCO = {"train2017": 118_287, "val2017": 5_000}
 KARPATHY = {"test": 5_000, "val": 5_000, "restval": 30_504, "train": 82_783}
@@ -109,8 +111,10 @@ def make_images(root: Path, where: dict, workers: int):
         (root / split).mkdir(parents=True, exist_ok=True)
         ids = [i for i, s in where.items() if s == split]
         jobs += [(str(root / split), ids[k:k + 500]) for k in range(0, len(ids), 500)]
-    with Pool(workers) as pool:
-        return sum(pool.imap_unordered(_draw, jobs))
+    with Pool(workers) as pool, tqdm(total=len(where), desc="images", unit="img", mininterval=2) as bar:
+        for n in pool.imap_unordered(_draw, jobs):
+            bar.update(n)
+    return len(where)
 
 
 class GpuMemory(threading.Thread):
