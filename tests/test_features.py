@@ -177,6 +177,10 @@ def no_network(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    if importlib.util.find_spec("huggingface_hub"):  # timm's hub: offline at once, not after ~45 s of retries
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return tmp_path / "torch-home"
 
 
