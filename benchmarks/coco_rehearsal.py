@@ -4,18 +4,18 @@
     python benchmarks/coco_rehearsal.py                        # there (GPU): images, extract, run, evaluate
     python benchmarks/coco_rehearsal.py --scale 0.01 --encoder resnet18 --image-size 64 --hidden-size 64   # CPU, CI
 
-Builds under --root 123,287 JPEGs in train2017/ (118,287) and val2017/ (5,000), five captions each in
-annotations/captions_{train,val}2017.json, and caption_datasets/dataset_coco.json with Karpathy's 113,287 train
-(82,783 train + 30,504 restval) / 5,000 val / 5,000 test, naming the photos by their 2014 file names as Karpathy's file
-does (so the 2017-layout lookup is exercised). Images are 320x240 (COCO's are ~640x480: decoding them is ~4x
-cheaper here); captions are 8-13 words drawn from a Zipf law over 12,000 made-up words. Everything comes from a seeded
-generator: the JSON files are byte-identical on every machine, so a content-keyed token cache built by `--stage
-prepare` where spaCy is installed (in --cache-dir, to be carried along) is valid on a machine without spaCy.
-Then it runs `captioner.extract`, `captioner.run experiment=show_and_tell` (1 epoch) and `captioner.evaluate
-split=test` as subprocesses, with the encoder's random weights saved to a local state dict (no download). Last line:
-one JSON object with seconds and images/s per stage, peak host memory (RSS) and peak GPU memory (nvidia-smi).
+Builds under --root 123,287 JPEGs in train2017/ + val2017/ (118,287 + 5,000), five captions each in
+annotations/captions_*2017.json, and caption_datasets/dataset_coco.json (113,287 train+restval / 5,000 val / 5,000
+test, naming the photos by their 2014 names, as Karpathy's file does). Images are 320x240 (COCO's ~640x480 cost ~4x
+more to decode); captions are 8-13 words, Zipf over 12,000 made-up words. A seeded generator makes the JSON files
+byte-identical everywhere, so the content-keyed token cache that `--stage prepare` builds with spaCy (in
+--cache-dir, carried along) is valid where spaCy is missing. Then `captioner.extract`, `captioner.run
+experiment=show_and_tell` (1 epoch) and `captioner.evaluate split=test` run as subprocesses, the encoder with random
+weights from a local state dict. Last line: one JSON object with seconds and images/s per stage, peak host RSS and
+peak GPU memory (nvidia-smi).
 """
 import argparse
+import itertools
 import json
 import os
 import random
@@ -54,10 +54,7 @@ def make_annotations(root: Path, scale: float, seed=0):
     syllables = [c + v for c in "bcdfghklmnprstvz" for v in "aeiou"]
     words = sorted({"".join(rng.choices(syllables, k=rng.randint(1, 3))) for _ in range(20_000)})[:12_000]
     rng.shuffle(words)
-    cum, acc = [], 0.0
-    for r in range(len(words)):
-        acc += 1.0 / (r + 1)
-        cum.append(acc)
+    cum = list(itertools.accumulate(1.0 / (r + 1) for r in range(len(words))))  # Zipf
     captions = {i: [" ".join(rng.choices(words, cum_weights=cum, k=rng.randint(8, 13))).capitalize() + "."
                     for _ in range(5)] for i in ids}
     order = ids[:]
@@ -170,7 +167,7 @@ def overrides(a, root, weights):
             f"hidden_size={a.hidden_size}", "trainer=" + ("gpu" if torch.cuda.is_available() else "cpu")]
 
 
-def token_cache(a, root, argv):
+def token_cache(root, argv):
     """Build (here, with spaCy) or find (there) the token cache that captioner.run will look for."""
     from captioner.cli import compose_config
     from captioner.coco import load_splits
@@ -213,9 +210,9 @@ def main():
     start = time.perf_counter()
     where = make_annotations(root, a.scale)
     figures["stages"]["annotations"] = {"seconds": round(time.perf_counter() - start, 1)}
-    argv = overrides(a, root, root / "weights" / f"{a.encoder}-random.pth")
-    start = time.perf_counter()
-    tokens = token_cache(a, root, argv)
+    weights = root / "weights" / f"{a.encoder}-random.pth"
+    argv, start = overrides(a, root, weights), time.perf_counter()
+    tokens = token_cache(root, argv)
     figures["stages"]["tokens"] = {"seconds": round(time.perf_counter() - start, 1), "folder": str(tokens)}
     if a.stage == "prepare":
         print(json.dumps(figures))
@@ -225,12 +222,10 @@ def main():
 
     torch.manual_seed(0)
     (root / "weights").mkdir(exist_ok=True)
-    torch.save(getattr(torchvision.models, a.encoder)(weights=None).state_dict(), root / "weights" /
-               f"{a.encoder}-random.pth")
+    torch.save(getattr(torchvision.models, a.encoder)(weights=None).state_dict(), weights)
     start = time.perf_counter()
-    n = make_images(root, where, os.cpu_count() or 1)
+    figures["images"] = n = make_images(root, where, os.cpu_count() or 1)
     seconds = time.perf_counter() - start
-    figures["images"] = n
     figures["stages"]["images"] = {"seconds": round(seconds, 1), "images_per_s": round(n / seconds)}
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

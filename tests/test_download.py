@@ -125,7 +125,8 @@ def test_full_download_through_the_cli_then_rerun_skips(tmp_path, server):
     assert_layout(root, ["caption_datasets", "annotations", "train2017", "val2017"])
     assert (root / "annotations" / "captions_train2017.json").is_file()
     # where data=karpathy_coco looks for it
-    split_file = compose_config("config", [f"data.root={root}", "data=karpathy_coco", "paths.run_dir=."]).data.split_file
+    cfg = compose_config("config", [f"data.root={root}", "data=karpathy_coco", "paths.run_dir=."])
+    split_file = cfg.data.split_file
     assert Path(split_file) == root / "caption_datasets" / "dataset_coco.json" and Path(split_file).is_file()
     assert len(server.requests) == 4 and all(r is None for _, r in server.requests)
     server.requests.clear()

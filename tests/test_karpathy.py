@@ -29,8 +29,9 @@ def karpathy_zips(mini: Path) -> dict:
         old = "train2014" if split == "train2017" else "val2014"
         for img in images:
             caps = [a["caption"] for a in anns if a["image_id"] == img["id"]]
+            sentences = [{"raw": c, "tokens": c.lower().split()} for c in caps]
             entries.append({"filepath": old, "filename": f"COCO_{old}_{img['id']:012d}.jpg", "cocoid": img["id"],
-                            "imgid": len(entries), "sentences": [{"raw": c, "tokens": c.lower().split()} for c in caps]})
+                            "imgid": len(entries), "sentences": sentences})
     roles = [s for s, n in SPLITS.items() for _ in range(n)]
     for entry, role in zip(entries, roles):
         entry["split"] = role
