@@ -3,6 +3,7 @@ a Karpathy split file (dataset_{coco,flickr8k,flickr30k}.json: the train/restval
 """
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,11 +83,42 @@ def load_split(root, split: str) -> CaptionSplit:
     return _split(split, image_dir, ann_file, files, captions, empty)
 
 
-def load_karpathy_split(split_file, image_root, split_names) -> CaptionSplit:
+def _listing(folder: Path) -> set:
+    return set(os.listdir(folder)) if folder.is_dir() else set()
+
+
+def locate_images(image_root: Path, files: dict, coco_ids: set, name: str, split_file) -> dict:
+    """COCO entries of a Karpathy file name 2014 files (`val2014/COCO_val2014_<id>.jpg`); the 2017 download holds
+    the same photos as `train2017/<id>.jpg` or `val2017/<id>.jpg`. Each image is taken from whichever layout has
+    it (folders listed once, not 123k stats); images in neither are kept (extraction skips and lists them)."""
+    listings = {d: _listing(image_root / d) for d in {f.split("/")[0] for f in files.values() if "/" in f}}
+    listings.update({d: _listing(image_root / d) for d in ("train2017", "val2017")})
+    missing = []
+    for i, f in files.items():
+        folder, _, base = f.rpartition("/")
+        if base in listings.get(folder, ()) or (not folder and (image_root / f).exists()):
+            continue
+        new = f"{i:012d}.jpg"
+        where = next((d for d in ("train2017", "val2017") if new in listings[d]), None) if i in coco_ids else None
+        if where:
+            files[i] = f"{where}/{new}"
+        else:
+            missing.append(f)
+    if missing:
+        log.warning("%d of %d images of split %s listed in %s are in neither the 2014 layout (%s) nor the 2017 "
+                    "layout (%s/train2017/ or val2017/ <id>.jpg), e.g. %s; they are skipped as unreadable.",
+                    len(missing), len(files), name, split_file, image_root / missing[0], image_root,
+                    ", ".join(missing[:3]))
+    return files
+
+
+def load_karpathy_split(split_file, image_root, split_names, find_images=True, data=None) -> CaptionSplit:
     """The images of a Karpathy split file whose `split` is one of `split_names` (e.g. ["train", "restval"]).
 
     Image ids are the COCO ids where the file has them (`cocoid`), else its own `imgid`; files are
-    `filepath/filename` relative to `image_root` (Flickr entries have no filepath); captions are the raw sentences.
+    `filepath/filename` relative to `image_root` (Flickr entries have no filepath), or for COCO the same photo in
+    the 2017 layout when the 2014 file is absent (`find_images=False`: as listed, without looking at the disk);
+    captions are the raw sentences.
     """
     split_file, image_root = Path(split_file), Path(image_root)
     names = [split_names] if isinstance(split_names, str) else list(split_names)
@@ -97,17 +129,19 @@ def load_karpathy_split(split_file, image_root, split_names) -> CaptionSplit:
     if not image_root.is_dir():
         raise CaptionerError(f"Image folder {image_root} does not exist; expected the images named in {split_file} "
                              f"under it (data.root).")
-    data = _read_json(split_file, expected)
+    data = _read_json(split_file, expected) if data is None else data  # COCO's takes ~5 s to parse: pass it once
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise CaptionerError(f"{split_file} is not a Karpathy split file; expected a JSON object with an 'images' "
                              f"list of {{filename, split, sentences}} entries.")
-    files, captions, empty, seen = {}, {}, 0, set()
+    files, captions, empty, seen, coco_ids = {}, {}, 0, set(), set()
     try:
         for img in data["images"]:
             seen.add(img["split"])
             if img["split"] not in names:
                 continue
             i = int(img["cocoid"] if "cocoid" in img else img["imgid"])
+            if "cocoid" in img:
+                coco_ids.add(i)
             files[i] = f"{img['filepath']}/{img['filename']}" if img.get("filepath") else str(img["filename"])
             texts = [str(s.get("raw") or " ".join(s.get("tokens", []))).strip() for s in img["sentences"]]
             captions[i] = [t for t in texts if t]
@@ -118,12 +152,16 @@ def load_karpathy_split(split_file, image_root, split_names) -> CaptionSplit:
     if not files:
         raise CaptionerError(f"{split_file} has no image in split {name}; its splits are "
                              f"{', '.join(sorted(map(str, seen))) or 'none'}.")
+    if find_images:
+        files = locate_images(image_root, files, coco_ids, name, split_file)
     return _split(name, image_root, split_file, files, captions, empty)
 
 
-def load_splits(root, splits: dict, split_file=None) -> dict:
+def load_splits(root, splits: dict, split_file=None, find_images=True) -> dict:
     """Role ('train', 'val', ...) -> CaptionSplit: from the COCO layout under `root`, or, with `split_file`, from a
     Karpathy split file, where each role names a list of its splits (train: [train, restval])."""
     if split_file:
-        return {role: load_karpathy_split(split_file, root, names) for role, names in splits.items()}
+        data = _read_json(Path(split_file), "a Karpathy split file") if Path(split_file).is_file() else None
+        return {role: load_karpathy_split(split_file, root, names, find_images, data)
+                for role, names in splits.items()}
     return {role: load_split(root, name) for role, name in splits.items()}

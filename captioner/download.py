@@ -1,4 +1,4 @@
-"""Download MS-COCO 2017: `python -m captioner.download [root=data/coco] [parts=[annotations,val2017]]`.
+"""Download MS-COCO 2017 and Karpathy's split files: `python -m captioner.download [root=data/coco] [parts=[...]]`.
 
 Arguments are overrides of conf/download.yaml. Each part is fetched to `<root>/<zip>.part` (resumed with an HTTP
 Range request after an interruption), checked against its size and, for the official files, its MD5, then extracted
@@ -27,16 +27,22 @@ from captioner.utils import CaptionerError
 
 log = logging.getLogger(__name__)
 
-# Part (= the folder its zip contains) -> the zip's path below base_url.
-PARTS = {"annotations": "annotations/annotations_trainval2017.zip",
+# Part (= the folder its zip contains) -> the zip's path below base_url; caption_datasets comes from karpathy_url
+# and its zip holds the split files without a folder (they are put in root/caption_datasets/).
+PARTS = {"caption_datasets": "caption_datasets.zip",
+         "annotations": "annotations/annotations_trainval2017.zip",
          "train2017": "zips/train2017.zip",
          "val2017": "zips/val2017.zip"}
+FLAT = {"caption_datasets"}
 OFFICIAL = "http://images.cocodataset.org"
+KARPATHY = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
 # Sizes and MD5s of the official zips, as published by many independent download scripts (PaddleDetection,
 # MLPerf, torchvision-style loaders). Keyed by URL: a mirror or a test server may serve other bytes.
 KNOWN = {f"{OFFICIAL}/annotations/annotations_trainval2017.zip": (252907541, "f4bbac642086de4f52a3fdda2de5fa2c"),
          f"{OFFICIAL}/zips/train2017.zip": (19336861798, "cced6f7f71b7629ddf16f17bbcfab6b2"),
-         f"{OFFICIAL}/zips/val2017.zip": (815585330, "442b8da7639aecaf257c1dceb8ba8c80")}
+         f"{OFFICIAL}/zips/val2017.zip": (815585330, "442b8da7639aecaf257c1dceb8ba8c80"),
+         # MD5 as published by torchvision's R port (mlverse/torchdatasets); its size is not published
+         KARPATHY: (None, "4fa8c08369d22fe16e41dc124bd1adc2")}
 MARKER = ".complete"
 CHUNK = 1 << 20
 
@@ -137,17 +143,18 @@ def fetch(url, dest: Path, timeout=60, retries=3, progress=True) -> Path:
     return dest
 
 
-def extract(zip_path: Path, root: Path, name: str, url: str, progress=True) -> Path:
-    """Unzip the `name/` folder of `zip_path` into root/name, all or nothing, with the completion marker."""
+def extract(zip_path: Path, root: Path, name: str, url: str, progress=True, flat=False) -> Path:
+    """Unzip the `name/` folder of `zip_path` (`flat`: all its files) into root/name, all or nothing, with the
+    completion marker."""
     tmp = root / f".{name}.extracting"
     shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted extraction
     try:
         with zipfile.ZipFile(zip_path) as z:
-            members = [m for m in z.infolist() if m.filename.startswith(f"{name}/")]
+            members = [m for m in z.infolist() if m.filename.startswith(f"{name}/") or flat and not m.is_dir()]
             if not members:
-                raise zipfile.BadZipFile(f"it has no {name}/ folder")
+                raise zipfile.BadZipFile(f"it has no {name}/ folder" if not flat else "it is empty")
             for m in tqdm(members, desc=f"extracting {zip_path.name}", unit="files", disable=not progress):
-                z.extract(m, tmp)  # CRC-checked as it is read
+                z.extract(m, tmp if m.filename.startswith(f"{name}/") else tmp / name)  # CRC-checked as read
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         zip_path.unlink()  # a bad archive cannot be repaired by resuming; the next run fetches it afresh
@@ -163,7 +170,7 @@ def extract(zip_path: Path, root: Path, name: str, url: str, progress=True) -> P
 
 
 def download(root, parts=tuple(PARTS), base_url=OFFICIAL, timeout=60, retries=3, keep_zips=False,
-             progress=True) -> Path:
+             progress=True, karpathy_url=KARPATHY) -> Path:
     root = Path(root)
     parts = [parts] if isinstance(parts, str) else list(parts)
     for name in parts:
@@ -179,12 +186,12 @@ def download(root, parts=tuple(PARTS), base_url=OFFICIAL, timeout=60, retries=3,
         if (root / name / MARKER).exists():
             log.info("%s is complete; skipping.", root / name)
             continue
-        url = f"{base_url.rstrip('/')}/{PARTS[name]}"
-        zip_path = root / PARTS[name].rsplit("/", 1)[1]
+        url = karpathy_url if name == "caption_datasets" else f"{base_url.rstrip('/')}/{PARTS[name]}"
+        zip_path = root / PARTS[name].rsplit("/", 1)[-1]
         if not zip_path.exists():  # a zip under its final name has already been verified
             log.info("Downloading %s", url)
             fetch(url, zip_path, timeout, retries, progress)
-        extract(zip_path, root, name, url, progress)
+        extract(zip_path, root, name, url, progress, flat=name in FLAT)
         if not keep_zips:
             zip_path.unlink()
         log.info("%s is ready.", root / name)
@@ -197,7 +204,8 @@ def main(argv=None):
     if bad := [a for a in argv if "=" not in a]:
         raise CaptionerError(f"unexpected argument {bad[0]!r}; usage: python -m captioner.download [key=value ...].")
     cfg = compose_config("download", argv)
-    root = download(cfg.root, cfg.parts, cfg.base_url, cfg.timeout, cfg.retries, cfg.keep_zips, cfg.progress)
+    root = download(cfg.root, cfg.parts, cfg.base_url, cfg.timeout, cfg.retries, cfg.keep_zips, cfg.progress,
+                    cfg.karpathy_url)
     log.info("COCO 2017 (%s) is in %s.", ", ".join(map(str, cfg.parts)), root)
 
 

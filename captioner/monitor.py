@@ -13,7 +13,6 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from captioner.decoding import captions
-from captioner.metrics import score
 
 log = logging.getLogger(__name__)
 LOGGED = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -52,6 +51,8 @@ class CaptionMonitor(Callback):
         metrics = None
         if trainer.is_global_zero:
             references = {r["image_id"]: dm.val_references[r["image_id"]] for r in results}
+            from captioner.metrics import score  # pycocoevalcap: only when scoring (bare GPU machines lack it)
+
             metrics = {k: v for k, v in score(results, references, spice=False).items() if k in LOGGED}
             self.log_samples(trainer, dm, results, references)
         metrics = trainer.strategy.broadcast(metrics)

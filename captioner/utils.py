@@ -33,11 +33,47 @@ def atomic_save_npy(path, array: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
-def file_fingerprint(path) -> dict:
-    """Identity of an input file for cache keys: absolute path, size and modification time."""
+_HASHES: dict = {}  # (path, size, mtime_ns) -> digest, for this process
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def file_fingerprint(path, cache_dir=None) -> dict:
+    """Identity of an input file for cache keys: a hash of its bytes and its size, so a copied or moved file (or
+    a `touch`) keeps its caches and an edited one does not. Hashing a 90 MB file takes ~0.2 s; the result is kept
+    in <cache_dir>/hashes/ under the file's path, size and mtime, so later runs only stat the file."""
     path = Path(path).resolve()
     st = path.stat()
-    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    stamp = (str(path), st.st_size, st.st_mtime_ns)
+    if stamp not in _HASHES:
+        record = Path(cache_dir) / "hashes" / f"{cache_key(list(stamp))}.txt" if cache_dir else None
+        if record is not None and record.is_file():
+            _HASHES[stamp] = record.read_text().strip()
+        else:
+            _HASHES[stamp] = _digest(path)
+            if record is not None:
+                atomic_write_text(record, _HASHES[stamp])
+    return {"blake2b": _HASHES[stamp], "size": st.st_size}
+
+
+def files_fingerprint(folder, names) -> dict:
+    """Identity of a set of image files for cache keys: their names relative to `folder` and their sizes (-1 when
+    missing), not where the folder lives. Only stats the files: reading 123k images per run would take minutes."""
+    h = hashlib.blake2b(digest_size=16)
+    folder = Path(folder)
+    for name in names:
+        try:
+            size = os.stat(folder / name).st_size
+        except OSError:
+            size = -1
+        h.update(f"{name}\t{size}\n".encode())
+    return {"files": len(names), "names_and_sizes": h.hexdigest()}
 
 
 def cache_key(spec: dict) -> str:

@@ -97,8 +97,9 @@ class Vocabulary:
 
 
 def token_dir(cache_dir, splits: dict, spec: dict) -> Path:
-    key = cache_key({"spec": spec, "version": TOKENIZER_VERSION,
-                     "splits": {k: [s.name, file_fingerprint(s.annotation_file)] for k, s in splits.items()}})
+    """Keyed by the caption files' bytes (not their path): a copied data folder keeps its token cache."""
+    files = {k: [s.name, file_fingerprint(s.annotation_file, cache_dir)] for k, s in splits.items()}
+    key = cache_key({"spec": spec, "version": TOKENIZER_VERSION, "splits": files})
     return Path(cache_dir) / "tokens" / key
 
 

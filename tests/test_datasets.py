@@ -130,8 +130,10 @@ def karpathy_file(tmp_path) -> tuple:
         entries.append({"filepath": folder, "filename": name, "imgid": k, "split": split, "sentences": sentences,
                         "cocoid": 5000 - k})
     entries[0]["sentences"].append({"raw": "  ", "tokens": []})  # an empty one: dropped
-    (root / "dataset_coco.json").write_text(json.dumps({"images": entries, "dataset": "coco"}, ensure_ascii=False))
-    return root / "dataset_coco.json", root
+    split_file = root / "caption_datasets" / "dataset_coco.json"  # where captioner.download puts it
+    split_file.parent.mkdir()
+    split_file.write_text(json.dumps({"images": entries, "dataset": "coco"}, ensure_ascii=False))
+    return split_file, root
 
 
 def test_karpathy_split_file_gives_train_restval_val_test(tmp_path):
@@ -145,6 +147,27 @@ def test_karpathy_split_file_gives_train_restval_val_test(tmp_path):
     assert all((root / f).is_file() for f in train.files)
     assert load_karpathy_split(split_file, root, ["val"]).image_ids == [4996, 4997]
     assert load_karpathy_split(split_file, root, "test").files == ["val2014/COCO_val2014_000000000005.jpg"]
+
+
+def test_karpathy_images_come_from_the_2017_layout_by_id_or_the_2014_layout(tmp_path, caplog):
+    split_file, root = karpathy_file(tmp_path)
+    for k, old, new in [(0, "train2014", "train2017"), (2, "val2014", "val2017"), (5, "val2014", "train2017")]:
+        (root / new).mkdir(exist_ok=True)  # moved to its 2017 name: the COCO id
+        shutil.move(root / old / f"COCO_{old}_{k:012d}.jpg", root / new / f"{5000 - k:012d}.jpg")
+    (root / "val2014" / "COCO_val2014_000000000004.jpg").unlink()  # in neither layout
+    train = load_karpathy_split(split_file, root, ["train", "restval"])
+    assert train.files == ["val2017/000000004998.jpg", "train2014/COCO_train2014_000000000001.jpg",
+                           "train2017/000000005000.jpg"]
+    assert load_karpathy_split(split_file, root, "test").files == ["train2017/000000004995.jpg"]
+    assert all((root / f).is_file() for f in train.files)
+    assert not [r for r in caplog.records if "neither" in r.getMessage()]
+    with caplog.at_level(logging.WARNING):
+        val = load_karpathy_split(split_file, root, ["val"])
+    assert val.image_ids == [4996, 4997] and val.files[0] == "val2014/COCO_val2014_000000000004.jpg"
+    message = caplog.records[-1].getMessage()
+    assert message.startswith(f"1 of 2 images of split val listed in {split_file} are in neither the 2014 layout")
+    assert "COCO_val2014_000000000004.jpg" in message and "\n" not in message
+    assert load_karpathy_split(split_file, root, ["val"], find_images=False).files[0] == val.files[0]
 
 
 def test_karpathy_flickr_entries_have_no_filepath_or_cocoid(tmp_path):

@@ -5,6 +5,7 @@ import json
 import re
 import threading
 import zipfile
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -29,7 +30,12 @@ def make_zip(members, compression=zipfile.ZIP_STORED) -> bytes:
     return buf.getvalue()
 
 
+# Karpathy's caption_datasets.zip holds its three split files at the top level, without a folder
+SPLIT_FILES = {f"dataset_{name}.json": json.dumps({"images": [{"filename": f"{name}.jpg", "imgid": 0, "split": "test",
+                                                               "sentences": [{"raw": "a cat"}]}]}).encode() * 3000
+               for name in ("coco", "flickr8k", "flickr30k")}
 ZIPS = {"/annotations/annotations_trainval2017.zip": make_zip(ANNOTATIONS, zipfile.ZIP_DEFLATED),
+        "/karpathy/caption_datasets.zip": make_zip(SPLIT_FILES),
         "/zips/train2017.zip": make_zip(IMAGES["train2017"]),
         "/zips/val2017.zip": make_zip(IMAGES["val2017"])}
 
@@ -92,7 +98,8 @@ def server(monkeypatch):
 
 
 def run(root, server, parts=("annotations", "train2017", "val2017"), retries=0):
-    return dl.download(root, parts, server.url, timeout=5, retries=retries, progress=False)
+    return dl.download(root, parts, server.url, timeout=5, retries=retries, progress=False,
+                       karpathy_url=f"{server.url}/karpathy/caption_datasets.zip")
 
 
 def cli_error(*argv) -> str:
@@ -103,7 +110,8 @@ def cli_error(*argv) -> str:
 
 def assert_layout(root, parts):
     for part in parts:
-        members = ANNOTATIONS if part == "annotations" else IMAGES[part]
+        members = ANNOTATIONS if part == "annotations" else \
+            {f"{part}/{k}": v for k, v in SPLIT_FILES.items()} if part == "caption_datasets" else IMAGES[part]
         for name, data in members.items():
             assert (root / name).read_bytes() == data
         assert (root / part / dl.MARKER).is_file()
@@ -112,10 +120,15 @@ def assert_layout(root, parts):
 
 def test_full_download_through_the_cli_then_rerun_skips(tmp_path, server):
     root = tmp_path / "coco"
-    dl.main([f"root={root}", f"base_url={server.url}", "progress=false", "retries=0", "timeout=5"])
-    assert_layout(root, ["annotations", "train2017", "val2017"])
+    dl.main([f"root={root}", f"base_url={server.url}", f"karpathy_url={server.url}/karpathy/caption_datasets.zip",
+             "progress=false", "retries=0", "timeout=5"])
+    assert_layout(root, ["caption_datasets", "annotations", "train2017", "val2017"])
     assert (root / "annotations" / "captions_train2017.json").is_file()
-    assert len(server.requests) == 3 and all(r is None for _, r in server.requests)
+    # where data=karpathy_coco looks for it
+    cfg = compose_config("config", [f"data.root={root}", "data=karpathy_coco", "paths.run_dir=."])
+    split_file = cfg.data.split_file
+    assert Path(split_file) == root / "caption_datasets" / "dataset_coco.json" and Path(split_file).is_file()
+    assert len(server.requests) == 4 and all(r is None for _, r in server.requests)
     server.requests.clear()
     run(root, server)
     assert server.requests == []
@@ -149,6 +162,23 @@ def test_server_ignoring_range_restarts_from_zero(tmp_path, server):
     run(tmp_path, server, ["val2017"])
     assert server.requests[-1][1] is not None  # it asked for a range, got 200 and the whole file
     assert_layout(tmp_path, ["val2017"])
+
+
+def test_karpathy_split_files_resume_and_are_checksum_verified(tmp_path, server, monkeypatch):
+    url, data = f"{server.url}/karpathy/caption_datasets.zip", ZIPS["/karpathy/caption_datasets.zip"]
+    monkeypatch.setitem(dl.KNOWN, url, (None, "0" * 32))  # like the official one: MD5 published, size not
+    with pytest.raises(CaptionerError, match=r"arrived with MD5 [0-9a-f]{32} but the official file has 0{32}"):
+        run(tmp_path, server, ["caption_datasets"])
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setitem(dl.KNOWN, url, (None, hashlib.md5(data).hexdigest()))
+    server.cut_once.add("/karpathy/caption_datasets.zip")
+    with pytest.raises(CaptionerError, match="run the same command again"):
+        run(tmp_path, server, ["caption_datasets"])
+    half = (tmp_path / "caption_datasets.zip.part").stat().st_size
+    run(tmp_path, server, ["caption_datasets"])
+    assert server.requests[-1] == ("/karpathy/caption_datasets.zip", f"bytes={half}-")
+    assert_layout(tmp_path, ["caption_datasets"])
+    assert dl.KNOWN[dl.KARPATHY][1] == "4fa8c08369d22fe16e41dc124bd1adc2"
 
 
 def test_stale_extraction_folder_is_replaced(tmp_path, server):
@@ -212,5 +242,7 @@ def test_config_root_and_parts(monkeypatch, tmp_path):
     assert compose_config("download", ["data.root=/x"]).root == "/x"
     assert compose_config("download", ["root=/y"]).root == "/y"
     assert list(compose_config("download", ["parts=[val2017]"]).parts) == ["val2017"]
+    assert list(compose_config("download", []).parts) == ["caption_datasets", "annotations", "val2017", "train2017"]
+    assert compose_config("download", []).karpathy_url == dl.KARPATHY
     with pytest.raises(CaptionerError, match="unknown part 'test2017'"):
         dl.download(tmp_path, ["test2017"])

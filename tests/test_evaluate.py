@@ -124,7 +124,8 @@ def test_cli_reports_mismatched_results_in_one_line(human, tmp_path):
 @pytest.mark.slow
 def test_cli_captions_a_split_and_scores_it(trained, tmp_path, capsys):
     root = trained["cfg"].data.root
-    main([f"ckpt_path={trained['ckpt']}", "data=coco", f"data.root={root}", "split=val2017", "beam_size=2"])
+    main([f"ckpt_path={trained['ckpt']}", "data=coco", f"data.root={root}", "split=val2017", "beam_size=2",
+          f"paths.data_dir={trained['cfg'].paths.data_dir}"])  # its cache: the features training extracted
     eval_dir = trained["run_dir"] / "eval"
     report = json.loads((eval_dir / "val2017-last-metrics.json").read_text())
     results = json.loads((eval_dir / "val2017-last-results.json").read_text())

@@ -178,6 +178,10 @@ def no_network(monkeypatch, tmp_path):
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    if importlib.util.find_spec("huggingface_hub"):  # timm's hub: offline at once, not after ~45 s of retries
+        import huggingface_hub.constants
+
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     return tmp_path / "torch-home"
 
 
@@ -216,3 +220,50 @@ def test_timm_model_from_a_local_weights_file(tmp_path, no_network):
     assert net(torch.zeros(1, 3, 64, 64)).shape == (1, net.num_features)
     with pytest.raises(CaptionerError, match="encoder.weights"):
         build_encoder(OmegaConf.create({"name": name, "weights": None}))  # offline: a clear message
+
+
+def test_timm_preprocessing_is_the_models_own_and_goes_into_the_checkpoint(cfg_factory, tmp_path, no_network):
+    timm = pytest.importorskip("timm")
+    from captioner.inference import Captioner
+    from captioner.run import train
+
+    name = "resnet10t"  # random weights in a local state dict: no download
+    torch.save(timm.create_model(name, pretrained=False).state_dict(), tmp_path / "w.pth")
+    own = timm.data.resolve_model_data_config(timm.create_model(name, pretrained=False))
+    # the YAML values (efficientnet_lite0's) are not the model's: they must not be used
+    spec = preprocess_spec(lite0(name=name, weights=str(tmp_path / "w.pth")))
+    assert spec["image_size"] == own["input_size"][-1] == 176 and spec["interpolation"] == own["interpolation"]
+    assert spec["mean"] == list(own["mean"]) and spec["std"] == list(own["std"]) != LITE0["std"]
+    assert preprocess_spec(lite0(name=name), image_size=96)["image_size"] == 96  # data.image_size still wins
+    cfg = cfg_factory(f"encoder.name={name}", f"encoder.weights={tmp_path / 'w.pth'}", "data.image_size=null",
+                      "epochs=1", "encoder.num_workers=0")
+    train(cfg)
+    captioner = Captioner(Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt")
+    assert captioner.preprocess == dict(spec, weights=str(tmp_path / "w.pth"))
+    resize = captioner.transform.transforms[0].transforms[1]
+    assert resize.size == [176, 176] and resize.interpolation.value == "bicubic"
+    assert len(captioner.caption([image("RGB", (60, 50))])[0]) == 1
+
+
+def test_gpu_decoding_path_matches_pil_and_keeps_the_skip_policy(tmp_path, caplog):
+    """The path used on CUDA (workers read bytes, torchvision decodes a batch), run on the CPU here: same features
+    as decoding with PIL, and the same images skipped and listed."""
+    split = write_split(tmp_path / "data", 10)
+    d = split.image_dir
+    rgb = Image.open(d / split.files[5]).convert("RGB")
+    for k, (mode, fmt) in enumerate([("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG")], 5):
+        rgb.convert(mode).save(d / split.files[k], fmt, quality=90)  # .png names: the content decides, not the name
+    broken = break_files(split)
+    whole = (d / split.files[6]).read_bytes()
+    (d / split.files[9]).write_bytes(whole[: len(whole) * 2 // 3])  # a JPEG without its end: PIL's decision
+    out = {}
+    for gpu in (False, True):
+        folder = extract_split(split, lite0(), tmp_path / f"cache-{gpu}", batch_size=4, num_workers=0,
+                               encoder=Counting(), gpu_decode=gpu)
+        feats, ids = load_features(folder)
+        skipped = sorted(line.split("\t")[0] for line in (folder / "skipped.txt").read_text().splitlines())
+        out[gpu] = (np.asarray(feats, np.float32), ids.tolist(), skipped)
+        assert json.loads((folder / "meta.json").read_text())["gpu_decode"] is gpu
+    assert out[True][1] == out[False][1] and out[True][2] == out[False][2]
+    assert set(map(str, broken)) <= set(out[True][2])
+    np.testing.assert_allclose(out[True][0], out[False][0], atol=0.02)
