@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from captioner import utils
-from captioner.run import build_datamodule
+from captioner.prepare import prepare as prepare_caches
 from conftest import make_cfg
 
 
@@ -28,7 +28,7 @@ def prepare(data_dir, caplog):
     cfg = make_cfg(data_dir, data_dir / "run", "experiment=smoke", "encoder.num_workers=0", "data.image_size=64")
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        build_datamodule(cfg).prepare_data()
+        prepare_caches(cfg.data, cfg.encoder, cfg.paths.cache_dir)
     return [r.getMessage() for r in caplog.records if r.getMessage().startswith(("Extracting", "Tokenized"))]
 
 
