@@ -14,9 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 
+from captioner import checks
+from captioner.checkpoint import check_same_architecture, load_checkpoint
 from captioner.data import CaptionDataModule, ResampleCaptions
 from captioner.embeddings import embedding_matrix, load_vectors, nearest_kept
 from captioner.history import History
+from captioner.interrupt import SaveOnInterrupt
 from captioner.model import RNNS
 from captioner.module import CaptionModule
 from captioner.monitor import CaptionMonitor
@@ -28,21 +31,13 @@ log = logging.getLogger("captioner")
 
 def check_config(cfg: DictConfig) -> None:
     """Catch wrong values early, with one sentence naming the key."""
+    checks.check_run(cfg)
     rnn = str(cfg.rnn_type).lower()
     if rnn not in RNNS:
         raise CaptionerError(f"rnn_type={cfg.rnn_type} is not one of lstm, gru, rnn.")
     cfg.rnn_type = rnn
     if cfg.optimizer not in cfg.optimizers:
         raise CaptionerError(f"optimizer={cfg.optimizer} is not one of {', '.join(cfg.optimizers)}.")
-    for key in ("vocab_size", "hidden_size", "num_layers", "batch_size", "epochs"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise CaptionerError(f"{key}={cfg[key]} must be a positive integer.")
-    if not isinstance(cfg.caption_idx, int):
-        raise CaptionerError(f"caption_idx={cfg.caption_idx} must be an integer (negative: random).")
-    if not float(cfg.learning_rate) > 0:
-        raise CaptionerError(f"learning_rate={cfg.learning_rate} must be positive.")
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
-        raise CaptionerError(f"ckpt_path={cfg.ckpt_path} does not exist; expected a .ckpt file to resume from.")
 
 
 def build_datamodule(cfg: DictConfig) -> CaptionDataModule:
@@ -84,6 +79,10 @@ def build_module(cfg: DictConfig, dm: CaptionDataModule, nlp) -> CaptionModule:
 def train(cfg: DictConfig) -> float:
     """Train one model; returns the final val/ppl (what sweeps minimise)."""
     check_config(cfg)
+    resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None  # safe, and before any long work
+    if resume:
+        check_same_architecture(cfg.ckpt_path, resume["hyper_parameters"], dict(
+            rnn_type=cfg.rnn_type, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, blind=cfg.blind))
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     nlp = load_vectors(cfg.embeddings, cfg.paths.cache_dir)  # first: a wrong choice fails before long extraction
@@ -94,8 +93,9 @@ def train(cfg: DictConfig) -> float:
     module = build_module(cfg, dm, nlp)
     if rank_zero_only.rank == 0:
         dm.vocab.save(run_dir / "vocab.txt")
-    if cfg.ckpt_path:
-        saved = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["hyper_parameters"]
+    if resume:
+        saved = resume["hyper_parameters"]
+        check_same_architecture(cfg.ckpt_path, saved, dict(embedding_dim=module.hparams.embeddings["dim"]))
         if saved["itos"] != dm.vocab.itos or saved["feature_dim"] != dm.feature_dim:
             raise CaptionerError(f"ckpt_path={cfg.ckpt_path} was trained with another vocabulary or encoder; "
                                  f"resume with the data, encoder and vocab_size it was trained with.")
@@ -108,6 +108,7 @@ def train(cfg: DictConfig) -> float:
         ResampleCaptions(),
         CaptionMonitor(cfg.eval_every, cfg.eval_max_images, cfg.eval_beam_size),
         History(run_dir, cfg.write_every),
+        SaveOnInterrupt(ckpt_dir / "last.ckpt", run_dir / "metrics.json"),  # Ctrl-C, SIGTERM (SLURM), a crash
     ]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_every))
@@ -116,9 +117,9 @@ def train(cfg: DictConfig) -> float:
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **steps)
     if logger:
         logger.log_hyperparams({k: v for k, v in module.hparams.config.items() if not isinstance(v, dict)})
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
-    if not trainer.fast_dev_run:
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # also when training stopped between validations
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)  # checked safe above
+    if not trainer.fast_dev_run:  # also when training stopped between validations; weights_only=False: resumable
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     final.update(steps=trainer.global_step, checkpoint=str(ckpt_dir / "last.ckpt"))
     if trainer.is_global_zero:
@@ -132,10 +133,13 @@ def train(cfg: DictConfig) -> float:
 def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
-    except CaptionerError as e:
+    except (CaptionerError, PermissionError) as e:
+        if isinstance(e, PermissionError):  # e.g. a cache folder made read-only after the checks
+            e = CaptionerError(f"cannot write {e.filename}: permission denied; make it writable or set "
+                               f"paths.data_dir to a writable folder.")
         log.error("%s", e)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # this job fails and shows as failed in the results table; the others go on
+            raise e from None  # this job fails and shows as failed in the results table; the others go on
         sys.exit(f"error: {e}")
 
 

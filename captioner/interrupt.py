@@ -1,0 +1,32 @@
+"""Keep what an interrupted run has done: Ctrl-C, SIGTERM (what SLURM sends before a time limit) or a crash.
+
+Lightning turns SIGINT into KeyboardInterrupt and SIGTERM into SIGTERMException at the next step, and calls every
+callback's `on_exception` before it exits; there this saves a resumable checkpoint of the current step (the
+History callback writes history.json and loss.png in its own `on_exception`) and the metrics so far.
+"""
+import json
+import logging
+
+from pytorch_lightning.callbacks import Callback
+
+from captioner.utils import atomic_write_text
+
+log = logging.getLogger("captioner")
+
+
+class SaveOnInterrupt(Callback):
+    def __init__(self, ckpt_path, metrics_path):
+        self.ckpt_path, self.metrics_path = ckpt_path, metrics_path
+
+    def on_exception(self, trainer, pl_module, exception):
+        if trainer.global_step == 0 or trainer.fast_dev_run:
+            return  # nothing trained yet: keep whatever checkpoint is there
+        # weights_only=False: optimizer state, loops and callbacks too, so `ckpt_path=` resumes from this step
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)
+        if trainer.is_global_zero:
+            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            metrics.update(steps=trainer.global_step, checkpoint=str(self.ckpt_path),
+                           interrupted=type(exception).__name__)
+            atomic_write_text(self.metrics_path, json.dumps(metrics, indent=1))
+            log.warning("Interrupted (%s) at step %d: saved %s; resume with ckpt_path=%s", type(exception).__name__,
+                        trainer.global_step, self.ckpt_path, self.ckpt_path)
