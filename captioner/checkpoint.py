@@ -39,26 +39,27 @@ def check_device(device, key="device") -> torch.device:
     return dev
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", key="ckpt_path") -> dict:
     """The checkpoint at `path` as a dict, loaded without running any code it may contain.
 
     Raises CaptionerError with one sentence for: a missing path or a folder, an empty file, a file that is not a
     PyTorch checkpoint, a truncated one, one holding objects other than plain data and tensors, and a PyTorch file
-    that is not a captioner checkpoint.
+    that is not a captioner checkpoint. Sentences start with `key=path` (the setting that named the file).
     """
     path = Path(path)
+    shown = f"{key}={path}" if key else str(path)
     if path.is_dir():
-        raise CaptionerError(f"{path} is a folder, not a checkpoint file; {EXPECTED}.")
+        raise CaptionerError(f"{shown} is a folder, not a checkpoint file; {EXPECTED}.")
     if not path.is_file():
-        raise CaptionerError(f"{path} does not exist; {EXPECTED}.")
+        raise CaptionerError(f"{shown} does not exist; {EXPECTED}.")
     with open(path, "rb") as f:
         head = f.read(4)
     if not head:
-        raise CaptionerError(f"{path} is empty (0 bytes); {EXPECTED}.")
+        raise CaptionerError(f"{shown} is empty (0 bytes); {EXPECTED}.")
     if head != b"PK\x03\x04":  # torch.save writes a zip archive
-        raise CaptionerError(f"{path} is not a PyTorch checkpoint (not a zip archive); {EXPECTED}.")
+        raise CaptionerError(f"{shown} is not a PyTorch checkpoint (not a zip archive); {EXPECTED}.")
     if not zipfile.is_zipfile(path):
-        raise CaptionerError(f"{path} is truncated or damaged (its zip index is missing), probably cut off while "
+        raise CaptionerError(f"{shown} is truncated or damaged (its zip index is missing), probably cut off while "
                              f"copying or saving; copy it again or pick another checkpoint.")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
@@ -66,15 +67,15 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         if "Weights only load failed" in str(e):
             found = re.search(r"GLOBAL ([\w.]+\w)", str(e))
             what = f" ({found.group(1)})" if found else ""
-            raise CaptionerError(f"{path} holds Python objects other than tensors and plain data{what}; refusing to "
+            raise CaptionerError(f"{shown} holds Python objects other than tensors and plain data{what}; refusing to "
                                  f"load it, because unpickling them could run code.") from None
-        raise CaptionerError(f"{path} could not be unpickled ({e}); it is damaged or not a checkpoint.") from None
+        raise CaptionerError(f"{shown} could not be unpickled ({e}); it is damaged or not a checkpoint.") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CaptionerError(f"{path} could not be read as a checkpoint ({first}); it is damaged.") from None
+        raise CaptionerError(f"{shown} could not be read as a checkpoint ({first}); it is damaged.") from None
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hp, dict) or "itos" not in hp or "preprocess" not in hp or "state_dict" not in ckpt:
-        raise CaptionerError(f"{path} is a PyTorch file but not a captioner checkpoint (no vocabulary, "
+        raise CaptionerError(f"{shown} is a PyTorch file but not a captioner checkpoint (no vocabulary, "
                              f"preprocessing or weights in it); {EXPECTED}.")
     return ckpt
 

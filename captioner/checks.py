@@ -87,7 +87,8 @@ def decoding(cfg, max_beam_size=None):
     """beam_size, n_best, max_len, length_penalty, temperature, top_k, seed: what caption/evaluate/serve share."""
     integer(cfg, "beam_size", 1, max_beam_size)
     integer(cfg, "max_len", 1)
-    number(cfg, "length_penalty")
+    if "length_penalty" in cfg:
+        number(cfg, "length_penalty")
     if "temperature" in cfg:
         number(cfg, "temperature", positive=True, nullable=True)
         integer(cfg, "top_k", 0)

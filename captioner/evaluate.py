@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from captioner import checks
 from captioner.cli import compose_config, one_line_errors
 from captioner.coco import CaptionSplit, load_split
 from captioner.metrics import score
@@ -75,6 +76,7 @@ def default_output_dir(ckpt_path: Path) -> Path:
 @one_line_errors
 def main(argv=None):
     cfg = compose_config("evaluate", sys.argv[1:] if argv is None else argv)
+    checks.check_evaluate(cfg)  # every key, and that the outputs can be written, before any work
     if cfg.results:
         if not cfg.annotations:
             raise CaptionerError("results= needs annotations=<COCO captions JSON> to score against.")

@@ -19,17 +19,14 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def resolve_checkpoint(ckpt_path, search_root="outputs") -> Path:
-    """`last` means the newest last.ckpt under `search_root`; anything else must be an existing file."""
+    """`last` means the newest last.ckpt under `search_root`; anything else is checked by load_checkpoint."""
     if ckpt_path in (None, "", "last"):
         found = sorted(Path(search_root).glob("**/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
             raise CaptionerError(f"ckpt_path=last: no last.ckpt under {search_root}/; train one with "
                                  f"`python -m captioner.run` or pass ckpt_path=<file>.")
         return found[-1]
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CaptionerError(f"ckpt_path={ckpt_path} does not exist; expected a .ckpt file from captioner.run.")
-    return path
+    return Path(ckpt_path)
 
 
 def pick_device(device="auto") -> torch.device:
