@@ -177,6 +177,8 @@ def create_app(captioner: Captioner, cfg) -> FastAPI:
                                             captioner.preprocess["image_size"])
         try:
             captions = await batcher.caption(image, beam_size, n_best)
+        except HTTPException:  # the queue is full: 503 with Retry-After
+            raise
         except Exception as e:  # logged here; the client gets a JSON 500 and the server goes on
             log.exception("captioning failed")
             raise HTTPException(500, f"captioning failed: {type(e).__name__}") from None
