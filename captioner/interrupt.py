@@ -8,6 +8,7 @@ import json
 import logging
 
 from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from captioner.utils import atomic_write_text
 
@@ -19,6 +20,8 @@ class SaveOnInterrupt(Callback):
         self.ckpt_path, self.metrics_path = ckpt_path, metrics_path
 
     def on_exception(self, trainer, pl_module, exception):
+        if isinstance(exception, SIGTERMException) and exception.code is None:
+            exception.code = 128 + 15  # Lightning re-raises this SystemExit: exit as killed by SIGTERM, not as done
         if trainer.global_step == 0 or trainer.fast_dev_run:
             return  # nothing trained yet: keep whatever checkpoint is there
         # weights_only=False: optimizer state, loops and callbacks too, so `ckpt_path=` resumes from this step
