@@ -5,20 +5,28 @@ Prints `path<TAB>caption` per image (with n_best > 1: each caption followed by i
 with `output=`. Unreadable files are reported one line each and skipped; the exit status is then 1.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
+from captioner import checks
 from captioner.cli import compose_config, one_line_errors
 from captioner.decoding import decode_options
 from captioner.inference import IMAGE_SUFFIXES, Captioner, open_image
 from captioner.utils import CaptionerError, atomic_write_text
 
 
-def expand(paths):
+def expand(paths, unreadable=None):
+    """Image files of `paths` (folders searched recursively); folders that cannot be listed go to `unreadable`
+    as (folder, error) instead of being skipped silently."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            found = []
+            for folder, _, names in os.walk(p, onerror=lambda e: unreadable is not None and unreadable.append(
+                    (Path(e.filename), f"{type(e).__name__}: {e.strerror}"))):
+                found += [Path(folder, n) for n in names if Path(n).suffix.lower() in IMAGE_SUFFIXES]
+            files += sorted(found)
         else:
             files.append(p)
     return files
@@ -44,11 +52,16 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     paths = [a for a in argv if "=" not in a]
     cfg = compose_config("caption", [a for a in argv if "=" in a])
+    checks.check_caption(cfg)  # every key, and that output= can be written, before any work
     if not paths:
         raise CaptionerError("no images given; usage: python -m captioner.caption IMAGE_OR_FOLDER ... [key=value ...]")
-    files = expand(paths)
+    unreadable = []
+    files = expand(paths, unreadable)
+    for folder, error in unreadable:
+        print(f"{folder}\terror: the folder cannot be read ({error})", file=sys.stderr)
     if not files:
-        raise CaptionerError(f"no image files found in {', '.join(paths)}.")
+        raise CaptionerError(f"no image files found in {', '.join(paths)}"
+                             f"{f' ({len(unreadable)} folders could not be read)' if unreadable else ''}.")
     captioner = Captioner(cfg.ckpt_path, cfg.device)
     results, failed = [], 0
     for path, caps, error in caption_files(captioner, files, cfg.batch_size, **decode_options(cfg)):
@@ -65,8 +78,9 @@ def main(argv=None):
     if cfg.output:
         atomic_write_text(cfg.output, json.dumps({"checkpoint": str(captioner.ckpt_path), "results": results}, indent=1))
         print(f"Wrote {len(results)} captions to {cfg.output}", file=sys.stderr)
-    if failed:
-        sys.exit(f"{failed} of {len(files)} images could not be read.")
+    if failed or unreadable:
+        folders = f"; {len(unreadable)} folders could not be read" if unreadable else ""
+        sys.exit(f"{failed} of {len(files)} images could not be read{folders}.")
 
 
 if __name__ == "__main__":

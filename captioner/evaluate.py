@@ -17,6 +17,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from captioner import checks
 from captioner.cli import compose_config, one_line_errors
 from captioner.coco import CaptionSplit, load_splits
 from captioner.decoding import decode_options
@@ -154,6 +155,7 @@ def default_output_dir(ckpt_path: Path) -> Path:
 @one_line_errors
 def main(argv=None):
     cfg = compose_config("evaluate", sys.argv[1:] if argv is None else argv)
+    checks.check_evaluate(cfg)  # every key, and that the outputs can be written, before any work
     if cfg.results:
         if not cfg.annotations:
             raise CaptionerError("results= needs annotations=<COCO captions JSON> to score against.")

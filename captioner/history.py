@@ -1,4 +1,6 @@
-"""The seed's training history: a loss point every `write_every` minutes, saved as JSON and plotted at the end."""
+"""The training history: the train loss every `log_every_n_steps` steps and the validation loss at every
+validation, kept in the checkpoint (so a resumed run continues it), written to history.json every `write_every`
+minutes and at the end, and plotted as loss.png (also when the run is interrupted)."""
 import json
 import time
 from pathlib import Path
@@ -9,35 +11,59 @@ from pytorch_lightning.callbacks import Callback
 from captioner.utils import atomic_write_text
 
 
+def empty_history() -> dict:
+    return {"iterations": [], "loss": [], "val_iterations": [], "val_loss": []}
+
+
 class History(Callback):
     def __init__(self, run_dir, write_every_min: float):
         self.path = Path(run_dir) / "history.json"
         self.every = write_every_min * 60
-        self.history = {"iterations": [], "loss": [], "val_loss": []}
-        self.last = None
-
-    def on_train_start(self, trainer, pl_module):
+        self.history = empty_history()
         self.last = time.monotonic()
 
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = {**empty_history(), **state_dict.get("history", {})}
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.is_global_zero and time.monotonic() - self.last >= self.every:
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            self.add_train_point(trainer)
+        if time.monotonic() - self.last >= self.every:
             self.write(trainer)
 
-    def on_train_end(self, trainer, pl_module):
-        if not trainer.is_global_zero:
+    def add_train_point(self, trainer):
+        step, h = trainer.global_step, self.history
+        if "train/loss" in trainer.callback_metrics and (not h["iterations"] or h["iterations"][-1] != step):
+            h["iterations"].append(step)
+            h["loss"].append(float(trainer.callback_metrics["train/loss"]))
+
+    def on_validation_end(self, trainer, pl_module):
+        if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
             return
+        step = trainer.global_step
+        if not self.history["val_iterations"] or self.history["val_iterations"][-1] != step:
+            self.history["val_iterations"].append(step)
+            self.history["val_loss"].append(float(trainer.callback_metrics["val/loss"]))
+
+    def on_train_end(self, trainer, pl_module):
+        self.finish(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        self.finish(trainer)
+
+    def finish(self, trainer):
+        self.add_train_point(trainer)  # the last step, whatever the interval
         self.write(trainer)
-        self.plot()
+        if trainer.is_global_zero:
+            self.plot()
 
     def write(self, trainer):
         self.last = time.monotonic()
-        metrics = trainer.callback_metrics
-        if "train/loss" not in metrics:
-            return
-        self.history["iterations"].append(trainer.global_step)
-        self.history["loss"].append(float(metrics["train/loss"]))
-        self.history["val_loss"].append(float(metrics["val/loss"]) if "val/loss" in metrics else None)
-        atomic_write_text(self.path, json.dumps(self.history))
+        if trainer.is_global_zero:
+            atomic_write_text(self.path, json.dumps(self.history))
 
     def plot(self):
         """Loss and perplexity, train and val, log scale (the seed notebook's plots), as loss.png."""
@@ -47,13 +73,12 @@ class History(Callback):
         import matplotlib.pyplot as plt
 
         h = self.history
-        if not h["iterations"]:
+        if not h["iterations"] and not h["val_iterations"]:
             return
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-        val = np.array([np.nan if v is None else v for v in h["val_loss"]])
         for ax, f, title in ((axes[0], lambda x: x, "loss"), (axes[1], np.exp, "perplexity")):
-            ax.plot(h["iterations"], f(np.array(h["loss"])), label=f"train {title}")
-            ax.plot(h["iterations"], f(val), label=f"val {title}")
+            ax.plot(h["iterations"], f(np.array(h["loss"], dtype=float)), label=f"train {title}")
+            ax.plot(h["val_iterations"], f(np.array(h["val_loss"], dtype=float)), "o-", label=f"val {title}")
             ax.set_yscale("log")
             ax.set_xlabel("optimizer steps")
             ax.set_title(title)

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
+from captioner.checkpoint import check_device, load_checkpoint
 from captioner.decoding import captions
 from captioner.encoders import build_encoder, preprocessing
 from captioner.module import CaptionModule
@@ -18,34 +19,33 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def resolve_checkpoint(ckpt_path, search_root="outputs") -> Path:
-    """`last` means the newest last.ckpt under `search_root`; anything else must be an existing file."""
+    """`last` means the newest last.ckpt under `search_root`; anything else is checked by load_checkpoint."""
     if ckpt_path in (None, "", "last"):
         found = sorted(Path(search_root).glob("**/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
             raise CaptionerError(f"ckpt_path=last: no last.ckpt under {search_root}/; train one with "
                                  f"`python -m captioner.run` or pass ckpt_path=<file>.")
         return found[-1]
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise CaptionerError(f"ckpt_path={ckpt_path} does not exist; expected a .ckpt file from captioner.run.")
-    return path
+    return Path(ckpt_path)
 
 
 def pick_device(device="auto") -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return check_device(device)
 
 
 class Captioner:
     def __init__(self, ckpt_path, device="auto"):
         self.ckpt_path = resolve_checkpoint(ckpt_path)
-        self.device = pick_device(device)
+        self.device = pick_device(device)  # first: a missing GPU is its own sentence, not a checkpoint problem
+        ckpt = load_checkpoint(self.ckpt_path)  # safe: plain data and tensors only, never code
         try:
-            self.module = CaptionModule.load_from_checkpoint(self.ckpt_path, map_location=self.device,
-                                                             weights_only=False)
-        except (KeyError, RuntimeError, TypeError) as e:
-            raise CaptionerError(f"{self.ckpt_path} is not a captioner checkpoint ({type(e).__name__}).") from None
+            self.module = CaptionModule(**ckpt["hyper_parameters"])
+            self.module.load_state_dict(ckpt["state_dict"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CaptionerError(f"{self.ckpt_path} does not match the model its hyperparameters describe "
+                                 f"({first[:200]}).") from None
+        self.module.to(self.device)
         self.module.eval()
         self.model, self.vocab = self.module.model, self.module.vocab
         pre = self.preprocess = dict(self.module.hparams.preprocess)
@@ -57,7 +57,8 @@ class Captioner:
     @property
     def info(self) -> dict:
         hp = self.module.hparams
-        return {"checkpoint": str(self.ckpt_path), "encoder": self.preprocess["encoder"],
+        # the file name only: a server must not tell its clients where its files are
+        return {"checkpoint": self.ckpt_path.name, "encoder": self.preprocess["encoder"],
                 "image_size": self.preprocess["image_size"], "rnn_type": hp.rnn_type, "hidden_size": hp.hidden_size,
                 "num_layers": hp.num_layers, "vocabulary": len(self.vocab), "embeddings": hp.embeddings.get("name")}
 

@@ -12,6 +12,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_only
 
+from captioner import checks
+from captioner.checkpoint import check_same_architecture, load_checkpoint
 from captioner.data import CaptionDataModule
 from captioner.embeddings import load_vectors
 from captioner.model import RNNS
@@ -24,21 +26,13 @@ log = logging.getLogger("captioner")
 
 def check_config(cfg: DictConfig) -> None:
     """Catch wrong values early, with one sentence naming the key."""
+    checks.check_run(cfg)
     rnn = str(cfg.rnn_type).lower()
     if rnn not in RNNS:
         raise CaptionerError(f"rnn_type={cfg.rnn_type} is not one of lstm, gru, rnn.")
     cfg.rnn_type = rnn
     if cfg.optimizer not in cfg.optimizers:
         raise CaptionerError(f"optimizer={cfg.optimizer} is not one of {', '.join(cfg.optimizers)}.")
-    for key in ("vocab_size", "hidden_size", "num_layers", "batch_size", "epochs"):
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise CaptionerError(f"{key}={cfg[key]} must be a positive integer.")
-    if not isinstance(cfg.caption_idx, int):
-        raise CaptionerError(f"caption_idx={cfg.caption_idx} must be an integer (negative: random).")
-    if not float(cfg.learning_rate) > 0:
-        raise CaptionerError(f"learning_rate={cfg.learning_rate} must be positive.")
-    if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
-        raise CaptionerError(f"ckpt_path={cfg.ckpt_path} does not exist; expected a .ckpt file to resume from.")
 
 
 def build(cfg: DictConfig, nlp=None):
@@ -76,14 +70,19 @@ def build_callbacks(cfg: DictConfig) -> list:
 def train(cfg: DictConfig) -> float:
     """Train one model; returns the final val/ppl (what sweeps minimise)."""
     check_config(cfg)
+    resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None  # safe, and before any long work
+    if resume:
+        check_same_architecture(cfg.ckpt_path, resume["hyper_parameters"], dict(
+            rnn_type=cfg.rnn_type, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, blind=cfg.blind))
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     nlp = load_vectors(cfg.embeddings, cfg.paths.cache_dir)  # first: a wrong choice fails before long extraction
     prepared, vocab, dm, module = build(cfg, nlp)
     if rank_zero_only.rank == 0:
         vocab.save(run_dir / "vocab.txt")
-    if cfg.ckpt_path:
-        saved = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["hyper_parameters"]
+    if resume:
+        saved = resume["hyper_parameters"]
+        check_same_architecture(cfg.ckpt_path, saved, dict(embedding_dim=module.hparams.embeddings["dim"]))
         if saved["itos"] != vocab.itos or saved["feature_dim"] != prepared.feature_dim:
             raise CaptionerError(f"ckpt_path={cfg.ckpt_path} was trained with another vocabulary or encoder; "
                                  f"resume with the data, encoder and vocab_size it was trained with.")
@@ -93,9 +92,9 @@ def train(cfg: DictConfig) -> float:
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=logger, **steps)
     if logger:
         logger.log_hyperparams({k: v for k, v in module.hparams.config.items() if not isinstance(v, dict)})
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path)
-    if not trainer.fast_dev_run:
-        trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # also when training stopped between validations
+    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)  # checked safe above
+    if not trainer.fast_dev_run:  # also when training stopped between validations; weights_only=False: resumable
+        trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     final.update(steps=trainer.global_step, checkpoint=str(ckpt_dir / "last.ckpt"))
     if trainer.is_global_zero:
@@ -109,10 +108,13 @@ def train(cfg: DictConfig) -> float:
 def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
-    except CaptionerError as e:
+    except (CaptionerError, PermissionError) as e:
+        if isinstance(e, PermissionError):  # e.g. a cache folder made read-only after the checks
+            e = CaptionerError(f"cannot write {e.filename}: permission denied; make it writable or set "
+                               f"paths.data_dir to a writable folder.")
         log.error("%s", e)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # this job fails and shows as failed in the results table; the others go on
+            raise e from None  # this job fails and shows as failed in the results table; the others go on
         sys.exit(f"error: {e}")
 
 

@@ -5,11 +5,12 @@ fields `beam_size`, `n_best`) and answers {"captions": [{"caption", "probability
 GET /health says whether the model is ready; /docs is FastAPI's OpenAPI page. Overrides are keys of conf/serve.yaml.
 
 Requests arriving within `batch_window_ms` of each other share one encoder forward pass; inference runs in one
-worker thread so the event loop keeps accepting (and rejecting) requests meanwhile.
+worker thread so the event loop keeps accepting (and rejecting) requests meanwhile. Memory stays bounded: at most
+`max_decoding` uploads are decoded at once, images are refused from their header when too large (see
+captioner/uploads.py), and when `max_queue` images already wait, a request gets 503 with Retry-After.
 """
 import asyncio
 import contextlib
-import io
 import logging
 import sys
 from collections import defaultdict
@@ -19,15 +20,15 @@ from typing import Annotated
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
+from captioner import checks
 from captioner.cli import compose_config, one_line_errors
 from captioner.inference import Captioner
-from captioner.utils import CaptionerError
+from captioner.uploads import MULTIPART_SLACK, BodyLimit, decode_image
 
 PAGE = Path(__file__).parent / "static" / "index.html"
-MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries, headers and the small form fields
 log = logging.getLogger(__name__)
 
 
@@ -38,8 +39,9 @@ class Batcher:
     and each group gets its own beam search. `batches` counts encoder forward passes, `images` the images in them.
     """
 
-    def __init__(self, captioner: Captioner, window_ms=10, max_batch=32, max_len=20):
+    def __init__(self, captioner: Captioner, window_ms=10, max_batch=32, max_len=20, max_queue=64):
         self.captioner, self.window, self.max_batch, self.max_len = captioner, window_ms / 1000, max_batch, max_len
+        self.max_queue = max_queue
         self.batches = self.images = 0
         self.task = self.queue = self.executor = None
 
@@ -48,7 +50,7 @@ class Batcher:
         return self.task is not None and not self.task.done()
 
     def start(self):
-        self.queue = asyncio.Queue()
+        self.queue = asyncio.Queue(self.max_queue)
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="captioner")  # one model, used by one thread
         self.task = asyncio.create_task(self._loop())
 
@@ -64,7 +66,11 @@ class Batcher:
 
     async def caption(self, image: Image.Image, beam_size: int, n_best: int):
         future = asyncio.get_running_loop().create_future()
-        await self.queue.put((image, (beam_size, n_best), future))
+        try:
+            self.queue.put_nowait((image, (beam_size, n_best), future))
+        except asyncio.QueueFull:
+            raise HTTPException(503, f"the server is busy ({self.max_queue} images are waiting); retry shortly",
+                                headers={"Retry-After": "1"}) from None
         return await future
 
     async def _loop(self):
@@ -117,63 +123,18 @@ class Batcher:
         return results
 
 
-class BodyLimit:
-    """ASGI middleware: 413 for request bodies over `max_bytes`, before they are read (Content-Length) or
-    as soon as a streamed (chunked) body passes the limit, so nobody can fill the disk or memory with uploads."""
-
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"0")
-        if not length.isdigit() or int(length) > self.max_bytes:
-            reason = "invalid Content-Length" if not length.isdigit() else self.too_large
-            return await JSONResponse({"detail": reason}, 400 if not length.isdigit() else 413)(scope, receive, send)
-        received = 0
-
-        async def limited_receive():
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:  # raised inside FastAPI's body parsing, which turns it into the 413
-                raise HTTPException(413, self.too_large)
-            return message
-        await self.app(scope, limited_receive, send)
-
-    @property
-    def too_large(self):
-        return f"upload too large: the limit is {self.max_bytes - MULTIPART_SLACK} bytes"
-
-
-def decode_image(data: bytes, max_pixels: float) -> Image.Image:
-    """Upload bytes -> RGB image; the pixel count is checked from the header, before any pixel is decoded."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            if im.width * im.height > max_pixels:
-                raise HTTPException(413, f"image too large: {im.width}x{im.height} pixels, the limit is "
-                                         f"{int(max_pixels)} pixels")
-            im.load()
-            return im.convert("RGB")
-    except HTTPException:
-        raise
-    except Image.DecompressionBombError as e:
-        raise HTTPException(413, f"image too large: {e}") from None
-    except UnidentifiedImageError:
-        raise HTTPException(415, "not an image: the file is not in any image format this server reads") from None
-    except Exception as e:  # truncated or corrupt files raise all sorts (OSError, SyntaxError, EOFError, ...)
-        raise HTTPException(400, f"the image could not be decoded: {type(e).__name__}: {e}") from None
-
-
 def create_app(captioner: Captioner, cfg) -> FastAPI:
     """The web app around an already loaded captioner; `cfg` holds the keys of conf/serve.yaml."""
-    batcher = Batcher(captioner, cfg.batch_window_ms, cfg.max_batch, cfg.max_len)
+    batcher = Batcher(captioner, cfg.batch_window_ms, cfg.max_batch, cfg.max_len, cfg.max_queue)
     max_bytes = int(cfg.max_upload_mb * 2**20)
     page = PAGE.read_text()
+    decoding = None  # an asyncio.Semaphore(max_decoding), made inside the event loop
+    limits = {"max_upload_bytes": max_bytes, "max_pixels": int(cfg.max_pixels), "max_side": cfg.max_side}
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        nonlocal decoding
+        decoding = asyncio.Semaphore(cfg.max_decoding)
         batcher.start()
         yield
         await batcher.stop()
@@ -193,9 +154,9 @@ def create_app(captioner: Captioner, cfg) -> FastAPI:
 
     @app.get("/health")
     def health():
-        """Whether the model is loaded and the batching worker runs; which checkpoint; how many forward passes."""
-        body = {"ready": batcher.running, "checkpoint": str(captioner.ckpt_path), "device": str(captioner.device),
-                "batches": batcher.batches, "images": batcher.images}
+        """Whether the model is ready; its checkpoint's file name (not where it is); forward passes; the limits."""
+        body = {"ready": batcher.running, "checkpoint": captioner.ckpt_path.name, "device": str(captioner.device),
+                "batches": batcher.batches, "images": batcher.images, "limits": limits}
         return JSONResponse(body, 200 if batcher.running else 503)
 
     limit = Annotated[int, Form(ge=1, le=cfg.max_beam_size)]
@@ -209,11 +170,15 @@ def create_app(captioner: Captioner, cfg) -> FastAPI:
         data = await file.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")
-        image = await run_in_threadpool(decode_image, data, cfg.max_pixels)  # decoding is CPU work: off the loop
         if not batcher.running:
             raise HTTPException(503, "the model is not ready")
+        async with decoding:  # decoding is CPU work and memory: off the loop, a few at a time
+            image = await run_in_threadpool(decode_image, data, cfg.max_pixels, cfg.max_side,
+                                            captioner.preprocess["image_size"])
         try:
             captions = await batcher.caption(image, beam_size, n_best)
+        except HTTPException:  # the queue is full: 503 with Retry-After
+            raise
         except Exception as e:  # logged here; the client gets a JSON 500 and the server goes on
             log.exception("captioning failed")
             raise HTTPException(500, f"captioning failed: {type(e).__name__}") from None
@@ -227,9 +192,7 @@ def main(argv=None):
     import uvicorn
 
     cfg = compose_config("serve", sys.argv[1:] if argv is None else argv)
-    if not 1 <= cfg.n_best <= cfg.beam_size <= cfg.max_beam_size:
-        raise CaptionerError(f"need 1 <= n_best ({cfg.n_best}) <= beam_size ({cfg.beam_size}) <= max_beam_size "
-                             f"({cfg.max_beam_size}).")
+    checks.check_serve(cfg)
     captioner = Captioner(cfg.ckpt_path, cfg.device)
     logging.getLogger(__name__).info("Serving %s on http://%s:%d", captioner.ckpt_path, cfg.host, cfg.port)
     uvicorn.run(create_app(captioner, cfg), host=cfg.host, port=cfg.port, access_log=cfg.access_log)

@@ -63,7 +63,7 @@ def test_caption_returns_ranked_captions_and_the_model(serve, captioner, images)
     response = post(serve(), images[0].read_bytes(), beam_size=3, n_best=3)
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["model"] == captioner.info and body["model"]["checkpoint"] == str(captioner.ckpt_path)
+    assert body["model"] == captioner.info and body["model"]["checkpoint"] == captioner.ckpt_path.name
     probabilities = [c["probability"] for c in body["captions"]]
     assert len(probabilities) == 3 and sum(probabilities) == pytest.approx(1, abs=1e-4)
     assert probabilities == sorted(probabilities, reverse=True)
@@ -81,7 +81,7 @@ def test_health_page_and_docs(serve, captioner):
     client = serve()
     health = client.get("/health")
     assert health.status_code == 200
-    assert health.json()["ready"] is True and health.json()["checkpoint"] == str(captioner.ckpt_path)
+    assert health.json()["ready"] is True and health.json()["checkpoint"] == captioner.ckpt_path.name
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert 'id="file"' in page.text and 'src="http' not in page.text and 'href="http' not in page.text
@@ -149,7 +149,7 @@ def test_no_request_chooses_a_path_or_checkpoint(serve, captioner, images):
                             files={"file": ("../../etc/passwd", images[0].read_bytes())},
                             data={"ckpt_path": "/etc/passwd", "path": "/etc/passwd"})
     assert response.status_code == 200
-    assert response.json()["model"]["checkpoint"] == str(captioner.ckpt_path)
+    assert response.json()["model"]["checkpoint"] == captioner.ckpt_path.name
 
 
 def caption_concurrently(client, requests):
@@ -245,6 +245,93 @@ def test_page_captions_an_image_in_a_real_browser(live_server, images, tmp_path)
             page.set_input_files("#file", str(not_image))
             page.wait_for_selector("#status.error", timeout=30_000)
             assert "415" in page.locator("#status").text_content()
+
+            posts = len([url for url in requested if url.endswith("api/caption")])
+            page.set_input_files("#file", files=[{"name": "phone.jpg", "mimeType": "image/jpeg",
+                                                  "buffer": b"\xff\xd8" + b"\0" * (12 * 2**20)}])
+            page.wait_for_selector("#status.error:has-text('limit')", timeout=30_000)
+            assert "the limit is 10.0 MB" in page.locator("#status").text_content()
+            assert "up to 10.0 MB" in page.locator("#drop").text_content()
+            assert len([url for url in requested if url.endswith("api/caption")]) == posts  # never uploaded
             assert all(url.startswith(live_server) or url.startswith("blob:") for url in requested), requested
         finally:
             browser.close()
+
+
+def test_a_12_mb_upload_gets_the_413_json_in_urllib_and_httpx(live_server):
+    """The body is drained before the answer, so clients that send it all first still read the 413."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    import httpx
+
+    body = b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.jpg\"\r\n\r\n" + \
+        b"\0" * (12 * 2**20) + b"\r\n--b--\r\n"
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    request = urllib.request.Request(live_server + "api/caption", data=body, headers=headers, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=60)
+    assert e.value.code == 413 and "upload too large" in json.loads(e.value.read())["detail"]
+    response = httpx.post(live_server + "api/caption", content=body, headers=headers, timeout=60)
+    assert response.status_code == 413 and "the limit is 10485760 bytes" in response.json()["detail"]
+
+
+def tall_png(width, height) -> bytes:
+    """A real, fully decodable grey PNG of width x height (a few hundred KB for 1 x 39,000,000)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    packer, row, rows = zlib.compressobj(9), b"\0" + b"\x80" * width, []
+    for _ in range(0, height, 100_000):
+        rows.append(packer.compress(row * min(100_000, height - len(rows) * 100_000)))
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(rows) + packer.flush())
+            + chunk(b"IEND", b""))
+
+
+def test_a_1_by_39_million_png_is_refused_quickly_without_memory(serve):
+    import resource
+
+    client = serve()
+    data = tall_png(1, 39_000_000)  # under max_pixels (40e6), but decoding and resizing it took 58 s and 16.7 GB
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    response = post(client, data)
+    elapsed = time.monotonic() - start
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert response.status_code == 413, response.text
+    assert "1x39000000 pixels, the limit is 20000 pixels on the longer side" in response.json()["detail"]
+    assert elapsed < 5 and grown_mb < 50, (elapsed, grown_mb)
+
+
+def test_pil_bombs_quote_the_configured_limit(serve):
+    response = post(serve(), png_bomb(100_000, 100_000))  # so large that PIL refuses it itself
+    assert response.status_code == 413
+    assert "10000000000 pixels, the limit is 40000000 pixels" in response.json()["detail"]
+
+
+def test_big_jpegs_are_decoded_reduced(captioner):
+    from captioner.uploads import decode_image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (200, 30, 30)).save(buffer, "JPEG")
+    size = captioner.preprocess["image_size"]
+    image = decode_image(buffer.getvalue(), 40e6, 20000, size)
+    assert image.mode == "RGB" and 2 * size <= min(image.size) and max(image.size) < 4 * size + 8, image.size
+
+
+def test_a_full_queue_answers_503_with_retry_after(serve, images):
+    client = serve("max_queue=1", "max_batch=1", "batch_window_ms=1500")
+    responses = caption_concurrently(client, [(images[i].read_bytes(), {}) for i in range(6)])
+    codes = sorted(r.status_code for r in responses)
+    assert 200 in codes and 503 in codes, codes
+    busy = next(r for r in responses if r.status_code == 503)
+    assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+    assert client.get("/health").json()["ready"] is True
+
+
+def test_no_answer_tells_where_the_server_keeps_its_files(serve, captioner, images):
+    client = serve()
+    folder = str(captioner.ckpt_path.parent)
+    assert folder not in client.get("/health").text and folder not in post(client, images[0].read_bytes()).text
+    assert client.get("/health").json()["limits"]["max_upload_bytes"] == 10 * 2**20

@@ -1,0 +1,168 @@
+"""Checking every key of a command before any work starts: type and range, one sentence naming the key.
+
+Values come from Hydra overrides, so `beam_size=abc` arrives as the string "abc" and `learning_rate=1e-3` as a
+float; booleans are never accepted where numbers are expected (`True` is an int in Python).
+"""
+import uuid
+from pathlib import Path
+
+from captioner.checkpoint import check_device
+from captioner.utils import CaptionerError
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+
+
+def integer(cfg, key, low=None, high=None, nullable=False):
+    value = cfg[key]
+    if value is None and nullable:
+        return
+    ok = _is_int(value) and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        where = ("an integer" if low is None and high is None else
+                 "a positive integer" if low == 1 and high is None else
+                 f"an integer >= {low}" if high is None else f"an integer from {low} to {high}")
+        raise CaptionerError(f"{key}={value} must be {where}{' or null' if nullable else ''}.")
+
+
+def number(cfg, key, positive=False, low=None, nullable=False):
+    value = cfg[key]
+    if value is None and nullable:
+        return
+    if not _is_number(value) or (positive and not value > 0) or (low is not None and value < low):
+        where = "a positive number" if positive else "a number" if low is None else f"a number >= {low}"
+        raise CaptionerError(f"{key}={value} must be {where}{' or null' if nullable else ''}.")
+
+
+def boolean(cfg, key):
+    if not isinstance(cfg[key], bool):
+        raise CaptionerError(f"{key}={cfg[key]} must be true or false.")
+
+
+def text(cfg, key, nullable=False):
+    value = cfg[key]
+    if not (isinstance(value, str) and value) and not (value is None and nullable):
+        raise CaptionerError(f"{key}={value} must be a non-empty string{' or null' if nullable else ''}.")
+
+
+def existing_file(cfg, key, what):
+    path = Path(str(cfg[key]))
+    if path.is_dir():
+        raise CaptionerError(f"{key}={path} is a folder; expected {what}.")
+    if not path.is_file():
+        raise CaptionerError(f"{key}={path} does not exist; expected {what}.")
+
+
+def writable_file(path, key):
+    """Results must never be lost to an unwritable output: try writing beside it now, before the work."""
+    path = Path(str(path))
+    if path.is_dir():
+        raise CaptionerError(f"{key}={path} is a folder; expected a file name to write.")
+    writable_dir(path.parent, key, shown=path)
+
+
+def writable_dir(folder, key, shown=None):
+    folder, shown = Path(str(folder)), shown or folder
+    probe = folder / f".captioner-write-test-{uuid.uuid4().hex}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise CaptionerError(f"{key}={shown} cannot be written ({reason}: {e.filename or folder}); "
+                             f"choose a writable place.") from None
+
+
+def device(cfg, key="device"):
+    check_device(cfg[key], key)
+
+
+def decoding(cfg, max_beam_size=None):
+    """beam_size, n_best, max_len, length_penalty, temperature, top_k, seed: what caption/evaluate/serve share."""
+    integer(cfg, "beam_size", 1, max_beam_size)
+    integer(cfg, "max_len", 1)
+    if "length_penalty" in cfg:
+        number(cfg, "length_penalty")
+    if "temperature" in cfg:
+        number(cfg, "temperature", positive=True, nullable=True)
+        integer(cfg, "top_k", 0)
+        integer(cfg, "seed")
+    if "n_best" in cfg:
+        integer(cfg, "n_best", 1)
+        if cfg.n_best > cfg.beam_size:
+            raise CaptionerError(f"n_best={cfg.n_best} must not exceed beam_size={cfg.beam_size} "
+                                 f"(beam search keeps beam_size captions).")
+        if cfg.get("temperature") is not None and cfg.n_best > 1:
+            raise CaptionerError(f"n_best={cfg.n_best} needs beam search; with temperature={cfg.temperature} one "
+                                 f"caption is sampled per image (use n_best=1).")
+
+
+def check_caption(cfg):
+    decoding(cfg)
+    integer(cfg, "batch_size", 1)
+    device(cfg)
+    text(cfg, "ckpt_path")
+    if cfg.output is not None:
+        writable_file(cfg.output, "output")
+
+
+def check_evaluate(cfg):
+    integer(cfg, "max_images", 1, nullable=True)
+    integer(cfg, "batch_size", 1)
+    boolean(cfg, "spice")
+    for key, what in (("results", 'a COCO results file ([{"image_id": ..., "caption": ...}])'),
+                      ("annotations", "a COCO captions file")):
+        if cfg[key] is not None:
+            existing_file(cfg, key, what)
+    if cfg.results is None:
+        decoding(cfg)
+        device(cfg)
+        text(cfg, "ckpt_path")
+        text(cfg, "split")
+        if cfg.output_dir is not None:
+            writable_dir(cfg.output_dir, "output_dir")
+    if cfg.output is not None:
+        writable_file(cfg.output, "output")
+
+
+def check_serve(cfg):
+    integer(cfg, "max_beam_size", 1)
+    decoding(cfg, cfg.max_beam_size)
+    text(cfg, "host")
+    text(cfg, "ckpt_path")
+    integer(cfg, "port", 0, 65535)
+    device(cfg)
+    number(cfg, "max_upload_mb", positive=True)
+    number(cfg, "max_pixels", positive=True)
+    integer(cfg, "max_side", 1)
+    number(cfg, "batch_window_ms", low=0)
+    integer(cfg, "max_batch", 1)
+    integer(cfg, "max_queue", 1)
+    integer(cfg, "max_decoding", 1)
+    boolean(cfg, "access_log")
+
+
+def check_run(cfg):
+    """The top-level training keys (captioner.run's check_config checks the choices: rnn_type, optimizer)."""
+    for key in ("vocab_size", "hidden_size", "num_layers", "batch_size", "epochs", "eval_max_images",
+                "progress_every"):
+        integer(cfg, key, 1)
+    decoding(cfg)  # the validation captions' beam_size, max_len, ... (conf/decode/)
+    for key in ("caption_idx", "iterations", "seed"):
+        integer(cfg, key)
+    integer(cfg, "eval_every", 0)
+    for key in ("learning_rate", "save_every", "write_every"):
+        number(cfg, key, positive=True)
+    for key in ("shuffle", "blind"):
+        boolean(cfg, key)
+    text(cfg, "checkpoint_monitor")
+    if cfg.ckpt_path is not None:
+        text(cfg, "ckpt_path", nullable=True)
+    for key in ("data_dir", "cache_dir", "run_dir"):  # a read-only cache is one sentence, not a PermissionError
+        writable_dir(cfg.paths[key], f"paths.{key}")
