@@ -92,6 +92,7 @@ def decoding(cfg, max_beam_size=None):
     if "temperature" in cfg:
         number(cfg, "temperature", positive=True, nullable=True)
         integer(cfg, "top_k", 0)
+    if "seed" in cfg:  # the sampling seed (serve has none: it never samples)
         integer(cfg, "seed")
     if "n_best" in cfg:
         integer(cfg, "n_best", 1)
