@@ -22,13 +22,20 @@ log = logging.getLogger(__name__)
 
 
 class CaptionBatches(Dataset):
-    """One item per image; `__getitems__` builds a whole padded batch at once."""
+    """One item per image; `__getitems__` builds a whole padded batch at once.
+
+    After `to_device` (a GPU run with resident features) the word ids live on the device too, and a batch is
+    assembled there: one small pinned copy of the batch's rows and caption offsets, then gathers. Its padded
+    length comes from the host-side offsets, so nothing waits for the device.
+    """
 
     def __init__(self, features, feat_rows, ids, offsets, cap_start, cap_count, caption_idx=0, seed=0):
         self.features, self.feat_rows = features, feat_rows
         self.ids, self.offsets = ids, offsets
         self.cap_start, self.cap_count = cap_start, cap_count
         self.caption_idx, self.seed = caption_idx, seed
+        self.pad_to = 1  # round the padded length up to a multiple of this (few shapes for compiled steps)
+        self.device_ids = None
         self.set_epoch(0)
 
     def __len__(self):
@@ -42,19 +49,22 @@ class CaptionBatches(Dataset):
             self.choice = self.cap_start + (rng.random(len(self)) * self.cap_count).astype(np.int64)
 
     def to_device(self, device):
-        """Keep the features on the device: a batch is then one gather there, with no host-to-device copy."""
+        """Keep features and word ids on the device: a batch is then built there, with no host-side assembly."""
         self.features = torch.as_tensor(np.asarray(self.features)).to(device)
+        self.device_ids = torch.as_tensor(np.asarray(self.ids, dtype=np.int64)).to(device)
 
     def __getitems__(self, indices):
         idx = np.asarray(indices)
         rows = self.feat_rows[idx]
+        caps = self.choice[idx]
+        begin, lengths = self.offsets[caps], self.offsets[caps + 1] - self.offsets[caps]
+        t = -(-(int(lengths.max()) + 1) // self.pad_to) * self.pad_to  # longest caption plus <end>, rounded up
+        if self.device_ids is not None and isinstance(self.features, torch.Tensor):
+            return self._assemble_on_device(rows, begin, lengths, t)
         if isinstance(self.features, torch.Tensor):
             feats = self.features[torch.from_numpy(rows).to(self.features.device, non_blocking=True)].float()
         else:
             feats = torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))
-        caps = self.choice[idx]
-        begin, lengths = self.offsets[caps], self.offsets[caps + 1] - self.offsets[caps]
-        t = int(lengths.max()) + 1  # pad to this batch's longest caption, plus <end>
         pos = np.arange(t)
         words = self.ids[np.minimum(begin[:, None] + pos, len(self.ids) - 1)]
         targets = np.where(pos < lengths[:, None], words, PAD)
@@ -62,6 +72,20 @@ class CaptionBatches(Dataset):
         inputs = np.concatenate([np.full((len(idx), 1), START), targets[:, :-1]], axis=1)
         inputs[inputs == END] = PAD  # <end> is never an input
         return feats, torch.from_numpy(inputs), torch.from_numpy(targets)
+
+    def _assemble_on_device(self, rows, begin, lengths, t):
+        """The same batch as the host path, built with gathers on the device from one pinned, async copy."""
+        device, n = self.features.device, len(rows)
+        packed = torch.from_numpy(np.concatenate([rows, begin, lengths]).astype(np.int64))
+        if device.type == "cuda":
+            packed = packed.pin_memory()  # a pinned source: the copy is queued, the host does not wait
+        rows, begin, lengths = packed.to(device, non_blocking=True).view(3, n, 1).unbind(0)
+        pos = torch.arange(t, device=device)
+        words = self.device_ids[(begin + pos).clamp_(max=len(self.device_ids) - 1)]
+        targets = words.masked_fill_(pos >= lengths, PAD).masked_fill_(pos == lengths, END)
+        inputs = torch.cat([torch.full_like(targets[:, :1], START), targets[:, :-1]], 1)
+        inputs.masked_fill_(inputs == END, PAD)  # <end> is never an input
+        return self.features[rows.view(-1)].float(), inputs, targets
 
     def __getitem__(self, i):
         return self.__getitems__([i])
@@ -75,7 +99,7 @@ class CaptionDataModule(pl.LightningDataModule):
     def __init__(self, root=None, splits=None, encoder=None, cache_dir=None, vocab_size=10000, caption_idx=0,
                  shuffle=True, batch_size=64, seed=0, image_size=None, lowercase=True, drop_punct=True, generate=None,
                  num_workers=0, extract_batch_size=64, extract_workers=2, name="coco", resident="auto",
-                 datasets=None, vocab=None, split_file=None):
+                 datasets=None, vocab=None, split_file=None, pad_to=1):
         super().__init__()
         self.root, self.splits, self.encoder_cfg = root and Path(root), dict(splits or {}), encoder
         self.cache_dir, self.vocab_size, self.caption_idx = cache_dir and Path(cache_dir), vocab_size, caption_idx
@@ -85,6 +109,7 @@ class CaptionDataModule(pl.LightningDataModule):
         self.split_file = split_file  # a Karpathy split file (dataset_*.json) instead of the COCO layout
         self.resident = resident  # features on the GPU: "auto" when they fit comfortably, or true/false
         self.vocab = vocab
+        self.pad_to = pad_to  # batches padded to a multiple of this length (compiled steps see few shapes)
         self.datasets = datasets or {}  # given directly (benchmarks) or built from the caches in setup()
         self.image_ids, self.references, self.image_paths = {}, {}, {}
         self._splits = None
@@ -152,6 +177,7 @@ class CaptionDataModule(pl.LightningDataModule):
             ds.ids = self.vocab.encode(np.load(self.token_folder / f"{role}.tokens.npy", mmap_mode="r"))
 
     def _loader(self, role, shuffle):
+        self.datasets[role].pad_to = self.pad_to
         return DataLoader(self.datasets[role], batch_size=self.batch_size, shuffle=shuffle,
                           collate_fn=_batch_is_ready, num_workers=self.num_workers,
                           persistent_workers=False)  # workers must see set_epoch()

@@ -24,6 +24,7 @@ from captioner.utils import CaptionerError, atomic_write_text
 from captioner.vocab import load_words
 
 log = logging.getLogger("captioner")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -41,6 +42,8 @@ def check_config(cfg: DictConfig) -> None:
         raise CaptionerError(f"caption_idx={cfg.caption_idx} must be an integer (negative: random).")
     if not float(cfg.learning_rate) > 0:
         raise CaptionerError(f"learning_rate={cfg.learning_rate} must be positive.")
+    if cfg.get("compile") not in (None, False, True, *COMPILE_MODES):
+        raise CaptionerError(f"compile={cfg.compile} is not one of false, true, {', '.join(COMPILE_MODES)}.")
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise CaptionerError(f"ckpt_path={cfg.ckpt_path} does not exist; expected a .ckpt file to resume from.")
 
@@ -53,7 +56,7 @@ def build_datamodule(cfg: DictConfig) -> CaptionDataModule:
         image_size=d.get("image_size"), lowercase=d.lowercase, drop_punct=d.drop_punct, generate=d.get("generate"),
         num_workers=d.num_workers, extract_batch_size=cfg.encoder.batch_size,
         extract_workers=cfg.encoder.num_workers, name=d.name, resident=d.get("resident", "auto"),
-        split_file=d.get("split_file"))
+        split_file=d.get("split_file"), pad_to=8 if cfg.get("compile") else 1)
 
 
 def build_module(cfg: DictConfig, dm: CaptionDataModule, nlp) -> CaptionModule:
@@ -78,7 +81,15 @@ def build_module(cfg: DictConfig, dm: CaptionDataModule, nlp) -> CaptionModule:
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, rnn_type=cfg.rnn_type,
         optimizer=OmegaConf.to_container(cfg.optimizers[cfg.optimizer], resolve=True),
         learning_rate=cfg.learning_rate, config=OmegaConf.to_container(cfg, resolve=True),
-        pretrained=pretrained, has_vector=has_vector, blind=cfg.blind)
+        pretrained=pretrained, has_vector=has_vector, blind=cfg.blind, compile=cfg.get("compile") or False)
+
+
+def progress_rate(cfg: DictConfig) -> int:
+    """Steps between progress-bar refreshes by default: every step on a CPU; on a GPU each refresh reads the
+    loss back and so waits for the device, so only every 50th step."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return 50 if gpu else 1
 
 
 def train(cfg: DictConfig) -> float:
@@ -110,7 +121,7 @@ def train(cfg: DictConfig) -> float:
         History(run_dir, cfg.write_every),
     ]
     if cfg.trainer.get("enable_progress_bar", True):
-        callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_every))
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_every or progress_rate(cfg)))
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     steps = dict(max_steps=cfg.iterations, max_epochs=-1) if cfg.iterations > 0 else dict(max_epochs=cfg.epochs)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **steps)
