@@ -28,7 +28,7 @@ class CaptionModule(pl.LightningModule):
         self.compiled_loss = None
         if compile:
             mode = None if compile is True else str(compile)
-            self.compiled_loss = torch.compile(self.loss, mode=mode, dynamic=False)
+            self.compiled_loss = torch.compile(self.loss, mode=mode)
 
     def loss(self, batch):
         """Mean cross-entropy per real token (and the number of real tokens)."""

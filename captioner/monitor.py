@@ -14,7 +14,6 @@ from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from captioner.decoding import beam_search
-from captioner.metrics import score
 
 log = logging.getLogger(__name__)
 LOGGED = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -54,6 +53,8 @@ class CaptionMonitor(Callback):
         results = self.captions(pl_module, dm)
         metrics = None
         if trainer.is_global_zero:
+            from captioner.metrics import score  # pycocoevalcap: only when scoring (GPU machines may lack it)
+
             references = {r["image_id"]: dm.references["val"][r["image_id"]] for r in results}
             metrics = {k: v for k, v in score(results, references, spice=False).items() if k in LOGGED}
             self.log_samples(trainer, dm, results, references)
