@@ -7,8 +7,10 @@
 #   .bench/  ref_limits.py (cp ../shared/bench/ref_limits.py .bench/), and gpudata/ + gpudata.json
 #            (python benchmarks/gpu_data.py build: the shapes caches, built on a CPU with spaCy)
 #   OUT=/some/folder bash benchmarks/gpu_suite.sh
+# A plumbing check on a CPU: SCALE=small CLI_EXTRA="--captions 1024 --epochs 2" bash benchmarks/gpu_suite.sh
 set -u
 OUT=${OUT:-gpu-out}
+SCALE=${SCALE:-coco}
 mkdir -p "$OUT"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
@@ -31,10 +33,10 @@ step() {  # step NAME SECONDS COMMAND...: log to $OUT/NAME.log, the last line (t
 
 step env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, pytorch_lightning as pl; print(torch.__version__, pl.__version__, torch.cuda.get_device_name())"'
 step sync_check 90 python3 benchmarks/sync_check.py --steps 200
-step train 120 python3 benchmarks/train_throughput.py --scale coco
+step train 120 python3 benchmarks/train_throughput.py --scale "$SCALE"
 step beam 90 python3 benchmarks/beam_search.py --repeats 3
 BENCH=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['captions_per_s'])" "$OUT/train.json" 2>/dev/null)
-step cli_coco 150 python3 benchmarks/cli_loop.py --scale coco ${BENCH:+--bench-cps $BENCH}
+step cli_loop 150 python3 benchmarks/cli_loop.py --scale "$SCALE" ${CLI_EXTRA:-} ${BENCH:+--bench-cps $BENCH}
 if [ -f .bench/gpudata.json ]; then
   python3 benchmarks/gpu_data.py restore > "$OUT/gpudata.log" 2>&1
   export CAPTIONER_DATA_DIR=/tmp/captioner-gpudata
@@ -42,4 +44,6 @@ if [ -f .bench/gpudata.json ]; then
 else
   echo "shapes skipped: no .bench/gpudata (python benchmarks/gpu_data.py build)" | tee -a "$OUT/summary.txt"
 fi
-step train_compiled 120 python3 benchmarks/train_throughput.py --scale coco --no-reference --compile reduce-overhead
+if [ "$SCALE" = coco ]; then
+  step train_compiled 120 python3 benchmarks/train_throughput.py --scale coco --no-reference --compile reduce-overhead
+fi

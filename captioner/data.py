@@ -175,6 +175,8 @@ class CaptionDataModule(pl.LightningDataModule):
             self.vocab.lut[word_id] = vocab_id
         for role, ds in self.datasets.items():
             ds.ids = self.vocab.encode(np.load(self.token_folder / f"{role}.tokens.npy", mmap_mode="r"))
+            if ds.device_ids is not None:  # already on the device: replace them there too
+                ds.device_ids = torch.as_tensor(ds.ids, dtype=torch.int64).to(ds.device_ids.device)
 
     def _loader(self, role, shuffle):
         self.datasets[role].pad_to = self.pad_to

@@ -34,8 +34,9 @@ class CaptionModule(pl.LightningModule):
         """Mean cross-entropy per real token (and the number of real tokens)."""
         features, inputs, targets = batch
         hidden, _ = self.model(features, inputs)
-        if hidden.is_cuda or torch.compiler.is_compiling():
-            # fixed shapes: score every position and ignore the pads (boolean indexing would wait for the GPU)
+        if hidden.is_cuda or self.compiled_loss is not None:
+            # fixed shapes: score every position and ignore the pads (boolean indexing would wait for the GPU
+            # and gives a compiled graph a data-dependent size)
             logits, targets = self.model.out(hidden).flatten(0, 1), targets.flatten()
         else:  # on a CPU the output layer is the cost: run it on the real (non-pad) positions only
             mask = targets != PAD
