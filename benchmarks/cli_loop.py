@@ -13,8 +13,8 @@ looks up, so the command runs as on real data without images, spaCy or a CNN. `-
 e.g. from $CAPTIONER_DATA_DIR) the shapes set and its caches as a user's first run would.
 
 Rates come from the TensorBoard events of the run: `captions_per_s` (or `steps_per_s`) over training steps
-within an epoch after the first; `epoch_captions_per_s` from one validation to the next (training,
-validation and checkpoints). Last line: JSON.
+within an epoch after the first; `epoch_captions_per_s` (or `epoch_steps_per_s`) from one validation to the
+next (training, validation and checkpoints). Last line: JSON.
 """
 import argparse
 import json
@@ -103,8 +103,8 @@ def rates(run_dir):
     for (s1, t1), (s2, t2) in zip(train, train[1:]):
         if bounds and s1 >= bounds[0] and not any(s1 < b <= s2 for b in bounds):
             steps, seconds = steps + s2 - s1, seconds + t2 - t1
-    epoch_s = val[-1][1] - val[-2][1] if len(val) >= 2 else float("nan")
-    return (steps / seconds if seconds else float("nan")), epoch_s
+    epoch_s, epoch_steps = (val[-1][1] - val[-2][1], val[-1][0] - val[-2][0]) if len(val) >= 2 else (float("nan"), 0)
+    return (steps / seconds if seconds else float("nan")), epoch_s, epoch_steps
 
 
 def run(overrides, run_dir, env=None):
@@ -134,9 +134,9 @@ def main():
             overrides = ["experiment=shapes", "embeddings=learned", "eval_every=0", trainer,
                          f"paths.data_dir={data_dir}", *a.overrides]
             run(overrides, tmp / "run")
-            steps_per_s, epoch_s = rates(tmp / "run")
+            steps_per_s, epoch_s, epoch_steps = rates(tmp / "run")
             result.update(run="captioner.run " + " ".join(overrides[:4]), steps_per_s=round(steps_per_s, 1),
-                          epoch_s=round(epoch_s, 3))
+                          epoch_s=round(epoch_s, 3), epoch_steps_per_s=round(epoch_steps / epoch_s, 1))
             print(json.dumps(result))
             return
         n = a.captions or (COCO_N if a.scale == "coco" else 4096)
@@ -145,7 +145,7 @@ def main():
                      "embeddings=learned", "embeddings.dim=300", "hidden_size=512", "batch_size=256",
                      "vocab_size=10000", f"epochs={a.epochs}", "eval_every=0", trainer, *a.overrides]
         run(overrides, tmp / "run")
-        steps_per_s, epoch_s = rates(tmp / "run")
+        steps_per_s, epoch_s, _ = rates(tmp / "run")
         bench = a.bench_cps
         if bench is None:
             out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--scale",

@@ -98,3 +98,14 @@ def test_compiled_and_eager_steps_agree():
     for a, b in zip(eager.lightning_module.parameters(), compiled.lightning_module.parameters()):
         assert torch.allclose(a, b, atol=1e-5)
     assert abs(float(eager.callback_metrics["val/loss"]) - float(compiled.callback_metrics["val/loss"])) < 1e-5
+
+
+def test_compile_setting_is_checked_and_the_progress_bar_refreshes_less_on_a_gpu(cfg_factory):
+    from captioner.run import progress_rate, train
+    from captioner.utils import CaptionerError
+
+    with pytest.raises(CaptionerError, match="compile=fast is not one of false, true, default, reduce-overhead"):
+        train(cfg_factory("compile=fast"))
+    assert progress_rate(cfg_factory("trainer=gpu")) == 50
+    assert progress_rate(cfg_factory("trainer=cpu")) == 1
+    assert cfg_factory().compile is False and cfg_factory("compile=reduce-overhead").compile == "reduce-overhead"
