@@ -7,16 +7,16 @@ COCO-like caption lengths, vocabulary 10,000, embedding 300, LSTM 512, batch 256
     python benchmarks/train_throughput.py                 # CPU: 4,096 captions (the reference's small scale)
     python benchmarks/train_throughput.py --scale coco    # 118,287 captions (GPU)
     python benchmarks/train_throughput.py --scale coco --max-steps 60   # peak host memory at COCO scale (CPU)
+    python benchmarks/train_throughput.py --scale coco --compile reduce-overhead   # the opt-in compiled step
+
+The reference is ../shared/bench/ref_limits.py, or `--ref PATH` / $CAPTIONER_REF (benchmarks/reference.py).
 
 Last line: JSON with captions_per_s, reference_captions_per_s, ratio, epoch_s (118,287 captions), and
 peak_rss_mb: the peak resident memory while training (Linux VmHWM, reset after the data is generated).
 """
 import argparse
 import json
-import os
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,17 +29,24 @@ from pytorch_lightning.callbacks import Callback
 from captioner.data import CaptionBatches, CaptionDataModule
 from captioner.module import CaptionModule
 from captioner.vocab import SPECIALS, Vocabulary
+from reference import reference_path, run_reference
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "bench" / "ref_limits.py"
 COCO_N, FEAT, EMB, HID, V, BS = 118_287, 2048, 300, 512, 10_000, 256
+
+
+def caption_arrays(n, seed=0, g=None):
+    """Words per caption (COCO-like, as ref_limits.py draws them, less the <end> it counts) and the word ids."""
+    g = g or torch.Generator().manual_seed(seed)
+    lengths = (torch.randn(n, generator=g) * 2.5 + 11.5).round().clamp(6, 30).long().numpy() - 1  # + <end>
+    zipf = 1.0 / torch.arange(1, V + 1).float()
+    words = torch.multinomial(zipf / zipf.sum(), int(lengths.sum()), replacement=True, generator=g).numpy()
+    return lengths, words
 
 
 def synthetic(n, folder, seed=0):
     """Features memory-mapped from disk and token arrays with COCO-like lengths (as ref_limits.py draws them)."""
     g = torch.Generator().manual_seed(seed)
-    lengths = (torch.randn(n, generator=g) * 2.5 + 11.5).round().clamp(6, 30).long().numpy() - 1  # + <end>
-    zipf = 1.0 / torch.arange(1, V + 1).float()
-    words = torch.multinomial(zipf / zipf.sum(), int(lengths.sum()), replacement=True, generator=g).numpy()
+    lengths, words = caption_arrays(n, g=g)
     path = Path(folder) / "features.npy"
     feats = np.lib.format.open_memmap(path, "w+", np.float16, (n, FEAT))
     for s in range(0, n, 8192):
@@ -66,12 +73,13 @@ class EpochTimer(Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def run_captioner(n, epochs, max_steps, folder):
+def run_captioner(n, epochs, max_steps, folder, compile=False):
     ds = synthetic(n, folder)
     vocab = Vocabulary(SPECIALS + [f"w{i}" for i in range(V)])
-    dm = CaptionDataModule(datasets={"train": ds, "val": ds}, vocab=vocab, batch_size=BS, shuffle=True)
+    dm = CaptionDataModule(datasets={"train": ds, "val": ds}, batch_size=BS, shuffle=True,
+                           pad_to=8 if compile else 1)
     module = CaptionModule(vocab.itos, FEAT, preprocess={}, embeddings={"name": "learned", "dim": EMB},
-                           hidden_size=HID, rnn_type="lstm", learning_rate=1e-4)
+                           hidden_size=HID, rnn_type="lstm", learning_rate=1e-4, compile=compile)
     cuda = torch.cuda.is_available()
     timer = EpochTimer()
     trainer = pl.Trainer(accelerator="auto", devices=1, precision="bf16-mixed" if cuda else "32-true",
@@ -105,29 +113,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_reference(scale):
-    if not REF.exists():
-        return None
-    out = subprocess.run([sys.executable, str(REF), "--scale", scale, "--skip", "seed,beam,extract,decode"],
-                         capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--scale", default="small", choices=["small", "coco"])
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=-1, help="stop early (peak-memory runs at COCO scale)")
     p.add_argument("--no-reference", action="store_true")
+    p.add_argument("--ref", default=None, help="ref_limits.py (default: $CAPTIONER_REF or ../shared/bench/)")
+    p.add_argument("--compile", default="false", help="the module's compile setting: false, true or a mode")
     a = p.parse_args()
+    compile = {"false": False, "true": True}.get(a.compile.lower(), a.compile)
     n = COCO_N if a.scale == "coco" else 4_096
     epochs = a.epochs or (4 if torch.cuda.is_available() else 2)
     with tempfile.TemporaryDirectory() as folder:
-        cps = run_captioner(n, epochs, a.max_steps, folder)
+        cps = run_captioner(n, epochs, a.max_steps, folder, compile)
         peak = peak_rss_mb()
-    ref = None if a.no_reference else run_reference(a.scale)
+    ref = None if a.no_reference else run_reference(reference_path(a.ref), "--scale", a.scale,
+                                                    "--skip", "seed,beam,extract,decode")
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "scale": a.scale, "captions": n,
+              "torch": torch.__version__, "scale": a.scale, "captions": n, "compile": compile,
               "captions_per_s": round(cps, 1), "epoch_s": round(COCO_N / cps, 2), "peak_rss_mb": round(peak)}
     if ref:
         result["reference_captions_per_s"] = ref["fast_captions_per_s"]

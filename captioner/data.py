@@ -14,7 +14,12 @@ from captioner.vocab import END, PAD, START
 
 
 class CaptionBatches(Dataset):
-    """One item per image; `__getitems__` builds a whole padded batch at once."""
+    """One item per image; `__getitems__` builds a whole padded batch at once.
+
+    After `to_device` (a GPU run with resident features) the word ids live on the device too, and a batch is
+    assembled there: one small pinned copy of the batch's rows and caption offsets, then gathers. Its padded
+    length comes from the host-side offsets, so nothing waits for the device.
+    """
 
     def __init__(self, features, feat_rows, ids, offsets, cap_start, cap_count, caption_idx=0, seed=0,
                  image_ids=None):
@@ -23,6 +28,8 @@ class CaptionBatches(Dataset):
         self.ids, self.offsets = ids, offsets
         self.cap_start, self.cap_count = cap_start, cap_count
         self.caption_idx, self.seed = caption_idx, seed
+        self.pad_to = 1  # round the padded length up to a multiple of this (few shapes for compiled steps)
+        self.device_ids = None
         self.set_epoch(0)
 
     def __len__(self):
@@ -36,19 +43,22 @@ class CaptionBatches(Dataset):
             self.choice = self.cap_start + (rng.random(len(self)) * self.cap_count).astype(np.int64)
 
     def to_device(self, device):
-        """Keep the features on the device: a batch is then one gather there, with no host-to-device copy."""
+        """Keep features and word ids on the device: a batch is then built there, with no host-side assembly."""
         self.features = torch.as_tensor(np.asarray(self.features)).to(device)
+        self.device_ids = torch.as_tensor(np.asarray(self.ids, dtype=np.int64)).to(device)
 
     def __getitems__(self, indices):
         idx = np.asarray(indices)
         rows = self.feat_rows[idx]
+        caps = self.choice[idx]
+        begin, lengths = self.offsets[caps], self.offsets[caps + 1] - self.offsets[caps]
+        t = -(-(int(lengths.max()) + 1) // self.pad_to) * self.pad_to  # longest caption plus <end>, rounded up
+        if self.device_ids is not None and isinstance(self.features, torch.Tensor):
+            return self._assemble_on_device(rows, begin, lengths, t)
         if isinstance(self.features, torch.Tensor):
             feats = self.features[torch.from_numpy(rows).to(self.features.device, non_blocking=True)].float()
         else:
             feats = torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))
-        caps = self.choice[idx]
-        begin, lengths = self.offsets[caps], self.offsets[caps + 1] - self.offsets[caps]
-        t = int(lengths.max()) + 1  # pad to this batch's longest caption, plus <end>
         pos = np.arange(t)
         words = self.ids[np.minimum(begin[:, None] + pos, len(self.ids) - 1)]
         targets = np.where(pos < lengths[:, None], words, PAD)
@@ -56,6 +66,20 @@ class CaptionBatches(Dataset):
         inputs = np.concatenate([np.full((len(idx), 1), START), targets[:, :-1]], axis=1)
         inputs[inputs == END] = PAD  # <end> is never an input
         return feats, torch.from_numpy(inputs), torch.from_numpy(targets)
+
+    def _assemble_on_device(self, rows, begin, lengths, t):
+        """The same batch as the host path, built with gathers on the device from one pinned, async copy."""
+        device, n = self.features.device, len(rows)
+        packed = torch.from_numpy(np.concatenate([rows, begin, lengths]).astype(np.int64))
+        if device.type == "cuda":
+            packed = packed.pin_memory()  # a pinned source: the copy is queued, the host does not wait
+        rows, begin, lengths = packed.to(device, non_blocking=True).view(3, n, 1).unbind(0)
+        pos = torch.arange(t, device=device)
+        words = self.device_ids[(begin + pos).clamp_(max=len(self.device_ids) - 1)]
+        targets = words.masked_fill_(pos >= lengths, PAD).masked_fill_(pos == lengths, END)
+        inputs = torch.cat([torch.full_like(targets[:, :1], START), targets[:, :-1]], 1)
+        inputs.masked_fill_(inputs == END, PAD)  # <end> is never an input
+        return self.features[rows.view(-1)].float(), inputs, targets
 
     def __getitem__(self, i):
         return self.__getitems__([i])
@@ -70,14 +94,16 @@ class CaptionDataModule(pl.LightningDataModule):
 
     `datasets` maps a role ('train', 'val') to CaptionBatches; `val_references` maps each validation image id to
     its reference captions and `val_paths` to its file, for captioning validation images during training.
+    `pad_to`: batches padded to a multiple of this length (compiled steps then see few shapes).
     """
 
     def __init__(self, datasets: dict, batch_size=64, shuffle=True, num_workers=0, resident="auto",
-                 val_references=None, val_paths=None):
+                 val_references=None, val_paths=None, pad_to=1):
         super().__init__()
         self.datasets, self.batch_size, self.shuffle, self.num_workers = datasets, batch_size, shuffle, num_workers
         self.resident = resident  # features on the GPU: "auto" when they fit comfortably, or true/false
         self.val_references, self.val_paths = val_references or {}, val_paths or {}
+        self.pad_to = pad_to
 
     @property
     def feature_dim(self) -> int:
@@ -90,6 +116,7 @@ class CaptionDataModule(pl.LightningDataModule):
         return ds.__getitems__(np.arange(n))[0], ds.image_ids[:n]
 
     def _loader(self, role, shuffle):
+        self.datasets[role].pad_to = self.pad_to
         return DataLoader(self.datasets[role], batch_size=self.batch_size, shuffle=shuffle,
                           collate_fn=_batch_is_ready, num_workers=self.num_workers,
                           persistent_workers=False)  # workers must see set_epoch()

@@ -1,7 +1,8 @@
 """Decoding captions from image features: batched beam search (beam_size=1 is greedy) and sampling.
 
 Every image of the batch and every beam advance together as one (batch * beam) RNN step; there is no Python
-loop over images and no per-word host sync (the early-stop check runs every few steps).
+loop over images, no per-word host sync (the early-stop check runs every few steps), no allocation that grows
+with the caption, and no pass over a [batch, beam * vocabulary] tensor beyond the log-softmax itself.
 """
 import torch
 import torch.nn.functional as F
@@ -25,12 +26,15 @@ def _repeat(state, k):
     return state.repeat_interleave(k, 1)
 
 
+def _mask_specials(logp):
+    logp[:, PAD:START + 1] = NEG  # <pad> and <start> are never emitted by a live caption (PAD, START = 0, 1)
+    return logp
+
+
 def _step(model: ShowAndTell, words, state):
     logits, state = model.step(words, state)
-    logp = F.log_softmax(logits.float(), -1)
-    logp[:, PAD] = NEG  # never emitted by a live caption
-    logp[:, START] = NEG
-    return logp, state
+    # one pass: fp32 log-probabilities straight from (possibly bf16) logits, no separate .float() copy
+    return _mask_specials(F.log_softmax(logits, -1, dtype=torch.float32)), state
 
 
 @torch.no_grad()
@@ -39,6 +43,11 @@ def beam_search(model: ShowAndTell, features, beam_size=3, max_len=20, length_pe
     """Returns (tokens [B, n_best, T], log-probabilities [B, n_best], probabilities over the returned set).
 
     Ranking uses log p / ((5 + length) / 6) ** length_penalty (GNMT); 0 ranks by plain log-probability.
+
+    Speed: the best k words of each beam are found first (a top-k per row of [B * k, V]), then the best k of
+    those k * k candidates per image; the global top-k can hold at most k words of one beam, so this is exact,
+    and no [B, k * V] candidate tensor is ever written. Each step writes its words and back-pointers into
+    preallocated [max_len, B, k] buffers; the sequences are read back once at the end.
     """
     B, k = features.shape[0], beam_size
     n_best = min(n_best, k)
@@ -47,32 +56,42 @@ def beam_search(model: ShowAndTell, features, beam_size=3, max_len=20, length_pe
     scores = torch.full((B, k), NEG, device=device)
     scores[:, 0] = 0.0  # one live beam at the first step, so the first words of the beams differ
     words = torch.full((B * k,), START, device=device, dtype=torch.long)
-    seqs = torch.zeros(B, k, 0, dtype=torch.long, device=device)
+    tokens = torch.zeros(max_len, B, k, dtype=torch.long, device=device)
+    origins = torch.zeros(max_len, B, k, dtype=torch.long, device=device)
     done = torch.zeros(B, k, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, k, dtype=torch.long, device=device)
     offsets = (torch.arange(B, device=device) * k)[:, None]
+    # a finished beam continues only with <pad>, at no cost, so it keeps its score and its place
+    pad_only = torch.full((B, k, k), NEG, device=device)
+    pad_only[..., 0] = 0.0
+    pad_word = torch.full((B, k, k), PAD, dtype=torch.long, device=device)
+    steps = max_len
     for t in range(max_len):
         logp, state = _step(model, words, state)
-        logp = logp.view(B, k, -1)
-        # a finished beam continues only with <pad>, at no cost, so it keeps its score and its place
-        logp = torch.where(done[..., None], torch.full_like(logp, NEG), logp)
-        logp[..., PAD] = torch.where(done, 0.0, NEG)
-        V = logp.shape[-1]
-        scores, flat = (scores[..., None] + logp).view(B, -1).topk(k, -1)
-        origin, words = flat // V, flat % V
-        index = (origin + offsets).view(-1)
-        state = _reorder(state, index)
-        seqs = torch.cat([seqs.gather(1, origin[..., None].expand(-1, -1, seqs.shape[2])), words[..., None]], 2)
+        best, word = logp.topk(k, -1)  # [B * k, k]
+        best = torch.where(done[..., None], pad_only, best.view(B, k, k))
+        word = torch.where(done[..., None], pad_word, word.view(B, k, k))
+        scores, flat = (scores[..., None] + best).view(B, -1).topk(k, -1)
+        origin = flat // k
+        words = word.view(B, -1).gather(1, flat)
+        state = _reorder(state, (origin + offsets).view(-1))
+        tokens[t], origins[t] = words, origin
         was_done = done.gather(1, origin)
-        lengths = lengths.gather(1, origin) + (~was_done).long()
+        lengths = lengths.gather(1, origin) + ~was_done
         done = was_done | (words == END)
         words = words.view(-1)
         if (t + 1) % check_every == 0 and bool(done.all()):
+            steps = t + 1
             break
     rank = scores / ((5.0 + lengths.float()) / 6.0) ** length_penalty if length_penalty else scores
     order = rank.argsort(-1, descending=True)[:, :n_best]
-    best_tokens = seqs.gather(1, order[..., None].expand(-1, -1, seqs.shape[2]))
     best_scores = scores.gather(1, order)
+    # follow the back-pointers from the chosen beams to the first word
+    best_tokens = torch.empty(B, n_best, steps, dtype=torch.long, device=device)
+    beam = order
+    for t in range(steps - 1, -1, -1):
+        best_tokens[:, :, t] = tokens[t].gather(1, beam)
+        beam = origins[t].gather(1, beam)
     return best_tokens, best_scores, best_scores.softmax(-1)
 
 

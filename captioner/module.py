@@ -14,7 +14,8 @@ class CaptionModule(pl.LightningModule):
     the vocabulary, the encoder and its preprocessing, the model sizes and the word-vector choice."""
 
     def __init__(self, itos, feature_dim, preprocess, embeddings, hidden_size=512, num_layers=1, rnn_type="lstm",
-                 optimizer=None, learning_rate=1e-4, config=None, pretrained=None, has_vector=None, blind=False):
+                 optimizer=None, learning_rate=1e-4, config=None, pretrained=None, has_vector=None, blind=False,
+                 compile=False):
         super().__init__()
         # the pretrained matrix lives in the state dict (a buffer), not in the hyperparameters
         self.save_hyperparameters(ignore=["pretrained", "has_vector"], logger=False)
@@ -22,19 +23,33 @@ class CaptionModule(pl.LightningModule):
         embedding = WordEmbedding(len(itos), embeddings["dim"], embeddings.get("freeze", False), pretrained, has_vector)
         self.model = ShowAndTell(feature_dim, len(itos), embedding, hidden_size, num_layers, rnn_type, blind)
         self.val_loss = MeanMetric()
+        # opt-in: the loss (model forward + cross-entropy, and so its backward) as a torch.compile graph; true or
+        # a torch.compile mode such as "reduce-overhead" (CUDA graphs). Batches are then padded to few lengths.
+        self.compiled_loss = None
+        if compile:
+            mode = None if compile is True else str(compile)
+            self.compiled_loss = torch.compile(self.loss, mode=mode)
 
     def loss(self, batch):
-        """Mean cross-entropy per real token; the output layer runs on real (non-pad) positions only."""
+        """Mean cross-entropy per real token (and the number of real tokens)."""
         features, inputs, targets = batch
         hidden, _ = self.model(features, inputs)
-        mask = targets != PAD
-        logits = self.model.out(hidden[mask])
-        return F.cross_entropy(logits.float(), targets[mask]), mask.sum()
+        if hidden.is_cuda or self.compiled_loss is not None:
+            # fixed shapes: score every position and ignore the pads (boolean indexing would wait for the GPU
+            # and gives a compiled graph a data-dependent size)
+            logits, targets = self.model.out(hidden).flatten(0, 1), targets.flatten()
+        else:  # on a CPU the output layer is the cost: run it on the real (non-pad) positions only
+            mask = targets != PAD
+            logits, targets = self.model.out(hidden[mask]), targets[mask]
+        return F.cross_entropy(logits.float(), targets, ignore_index=PAD), (targets != PAD).sum()
 
     def training_step(self, batch, batch_idx):
-        loss, _ = self.loss(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", loss.exp())
+        loss, _ = (self.compiled_loss or self.loss)(batch)
+        # on intervals only: a logged value is read back (a device sync) when loggers or the progress bar use it
+        step, trainer = self.global_step + 1, self.trainer  # the logger writes when step % log_every_n_steps == 0
+        if step % trainer.log_every_n_steps == 0 or step == 1 or trainer.is_last_batch or step == trainer.max_steps:
+            self.log("train/loss", loss, prog_bar=True)
+            self.log("train/ppl", loss.exp())
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -22,6 +22,7 @@ from captioner.prepare import prepare, word_vectors
 from captioner.utils import METRICS_FILE, CaptionerError, atomic_write_text
 
 log = logging.getLogger("captioner")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -33,6 +34,8 @@ def check_config(cfg: DictConfig) -> None:
     cfg.rnn_type = rnn
     if cfg.optimizer not in cfg.optimizers:
         raise CaptionerError(f"optimizer={cfg.optimizer} is not one of {', '.join(cfg.optimizers)}.")
+    if cfg.get("compile") not in (None, False, True, *COMPILE_MODES):
+        raise CaptionerError(f"compile={cfg.compile} is not one of false, true, {', '.join(COMPILE_MODES)}.")
 
 
 def build(cfg: DictConfig, nlp=None):
@@ -44,14 +47,15 @@ def build(cfg: DictConfig, nlp=None):
     val = prepared.splits["val"]
     dm = CaptionDataModule(prepared.datasets(vocab, cfg.caption_idx, cfg.seed), cfg.batch_size, cfg.shuffle,
                            cfg.data.num_workers, cfg.data.resident, val_references=dict(zip(val.image_ids, val.captions)),
-                           val_paths={i: val.image_dir / f for i, f in zip(val.image_ids, val.files)})
+                           val_paths={i: val.image_dir / f for i, f in zip(val.image_ids, val.files)},
+                           pad_to=8 if cfg.get("compile") else 1)
     pl.seed_everything(cfg.seed, workers=True)  # after the caches: building them must not change the draws
     module = CaptionModule(
         itos=vocab.itos, feature_dim=prepared.feature_dim, preprocess=prepared.preprocess, embeddings=emb,
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, rnn_type=cfg.rnn_type,
         optimizer=OmegaConf.to_container(cfg.optimizers[cfg.optimizer], resolve=True),
         learning_rate=cfg.learning_rate, config=OmegaConf.to_container(cfg, resolve=True),
-        pretrained=pretrained, has_vector=has_vector, blind=cfg.blind)
+        pretrained=pretrained, has_vector=has_vector, blind=cfg.blind, compile=cfg.get("compile") or False)
     return prepared, vocab, dm, module
 
 
@@ -61,10 +65,19 @@ def build_callbacks(cfg: DictConfig) -> list:
     by_loss = cfg.checkpoint_monitor in ("val/loss", "val/ppl")
     schedule = {"best_checkpoint": dict(mode="min" if by_loss else "max",
                                         every_n_epochs=1 if by_loss else cfg.eval_every)}
+    schedule["progress_bar"] = dict(refresh_rate=cfg.progress_every or progress_rate(cfg))
     if not cfg.trainer.get("enable_progress_bar", True):
         schedule["progress_bar"] = None
     return [hydra.utils.instantiate(c, **schedule.get(name, {})) for name, c in cfg.callbacks.items()
             if c is not None and schedule.get(name, {}) is not None]
+
+
+def progress_rate(cfg: DictConfig) -> int:
+    """Steps between progress-bar refreshes by default: every step on a CPU; on a GPU each refresh reads the
+    loss back and so waits for the device, so only every 50th step."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return 50 if gpu else 1
 
 
 def train(cfg: DictConfig) -> float:

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Every GPU measurement of issue 13 in one run (about 5 minutes on an H200; the steps in order of importance). Each step has its own timeout and
+# writes its log and JSON line to "$OUT"; a failed or timed-out step does not stop the others.
+#
+# Run from the repository root on the GPU machine, with these git-ignored folders brought along:
+#   .whl/    hydra-core, omegaconf, antlr4 wheels (bash ../shared/device/wheels.sh)
+#   .bench/  ref_limits.py (cp ../shared/bench/ref_limits.py .bench/), and gpudata/ + gpudata.json
+#            (python benchmarks/gpu_data.py build: the shapes caches, built on a CPU with spaCy)
+#   OUT=/some/folder bash benchmarks/gpu_suite.sh
+# A plumbing check on a CPU: SCALE=small CLI_EXTRA="--captions 1024 --epochs 2" bash benchmarks/gpu_suite.sh
+set -u
+OUT=${OUT:-gpu-out}
+SCALE=${SCALE:-coco}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    > "$OUT/pip.log" 2>&1
+fi
+export PYTHONPATH=/tmp/site:$PWD
+export PYTHONUNBUFFERED=1
+export CAPTIONER_REF=${CAPTIONER_REF:-$PWD/.bench/ref_limits.py}
+ln -sfn ../conf captioner/conf
+
+step() {  # step NAME SECONDS COMMAND...: log to $OUT/NAME.log, the last line (the JSON) to $OUT/NAME.json
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  tail -n 1 "$OUT/$name.log" > "$OUT/$name.json"
+  echo "$name rc=$rc $((SECONDS - start))s $(cat "$OUT/$name.json")" | tee -a "$OUT/summary.txt"
+}
+
+step env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, pytorch_lightning as pl; print(torch.__version__, pl.__version__, torch.cuda.get_device_name())"'
+step sync_check 90 python3 benchmarks/sync_check.py --steps 200
+step train 120 python3 benchmarks/train_throughput.py --scale "$SCALE"
+step beam 90 python3 benchmarks/beam_search.py --repeats 3
+BENCH=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['captions_per_s'])" "$OUT/train.json" 2>/dev/null)
+step cli_loop 150 python3 benchmarks/cli_loop.py --scale "$SCALE" ${CLI_EXTRA:-} ${BENCH:+--bench-cps $BENCH}
+if [ -f .bench/gpudata.json ]; then
+  python3 benchmarks/gpu_data.py restore > "$OUT/gpudata.log" 2>&1
+  export CAPTIONER_DATA_DIR=/tmp/captioner-gpudata
+  step shapes 100 python3 benchmarks/cli_loop.py --shapes
+else
+  echo "shapes skipped: no .bench/gpudata (python benchmarks/gpu_data.py build)" | tee -a "$OUT/summary.txt"
+fi
+if [ "$SCALE" = coco ]; then
+  step train_compiled 120 python3 benchmarks/train_throughput.py --scale coco --no-reference --compile reduce-overhead
+fi

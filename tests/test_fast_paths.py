@@ -1,0 +1,111 @@
+"""The GPU speed paths give the results of the plain ones: batches assembled on the device, the fixed-shape
+(ignore-the-pads) loss, logging on intervals and the opt-in compiled step. Checked on the CPU, where the device
+path runs on CPU tensors and torch.compile uses its CPU backend."""
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from captioner.data import CaptionBatches, CaptionDataModule
+from captioner.module import CaptionModule
+from captioner.vocab import END, PAD, SPECIALS, START, Vocabulary
+
+V, FEAT = 40, 12
+
+
+def dataset(n=64, max_words=9, seed=0, caption_idx=-1):
+    """n images with 1-3 captions of 2..max_words words each, float16 features, as the token cache has them."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(1, 4, n)
+    lengths = rng.integers(2, max_words + 1, counts.sum())
+    words = rng.integers(len(SPECIALS), V, lengths.sum())
+    cap_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    feats = rng.standard_normal((n, FEAT)).astype(np.float16)
+    return CaptionBatches(feats, np.arange(n), words, np.concatenate([[0], np.cumsum(lengths)]), cap_start, counts,
+                          caption_idx, seed)
+
+
+@pytest.mark.parametrize("pad_to", [1, 8])
+def test_batches_built_on_the_device_equal_the_host_ones(pad_to):
+    host, device = dataset(), dataset()
+    device.to_device("cpu")  # the device path, run on CPU tensors
+    assert device.device_ids is not None
+    for ds in (host, device):
+        ds.pad_to = pad_to
+        ds.set_epoch(3)
+    for rows in ([5, 0, 63, 17], list(range(64)), [9]):
+        for a, b in zip(host.__getitems__(rows), device.__getitems__(rows)):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        _, inputs, targets = host.__getitems__(rows)
+        assert targets.shape[1] % pad_to == 0 and (targets == END).sum() == len(rows)
+        assert (inputs[:, 0] == START).all() and not (inputs == END).any()
+
+
+def module(compile=False, cls=CaptionModule):
+    torch.manual_seed(0)
+    return cls(SPECIALS + [f"w{i}" for i in range(V - 4)], FEAT, preprocess={},
+                         embeddings={"name": "learned", "dim": 16}, hidden_size=32, learning_rate=3e-3,
+                         compile=compile)
+
+
+class PlainLoss(CaptionModule):
+    """The loss as it was: boolean indexing of the real tokens, logged every step."""
+
+    def loss(self, batch):
+        features, inputs, targets = batch
+        hidden, _ = self.model(features, inputs)
+        mask = targets != PAD
+        return F.cross_entropy(self.model.out(hidden[mask]).float(), targets[mask]), mask.sum()
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self.loss(batch)
+        self.log("train/loss", loss)
+        return loss
+
+
+def fit(m, steps, ds, pad_to=1, on_device=False):
+    if on_device:
+        ds.to_device("cpu")
+    dm = CaptionDataModule(datasets={"train": ds, "val": ds}, batch_size=16,
+                           shuffle=True, pad_to=pad_to)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=3,
+                         num_sanity_val_steps=0, val_check_interval=steps, check_val_every_n_epoch=None,
+                         deterministic=True)
+    pl.seed_everything(0)
+    trainer.fit(m, datamodule=dm)
+    return trainer
+
+
+def test_results_are_those_of_the_plain_loss_and_host_batches():
+    plain = fit(module(cls=PlainLoss), 12, dataset())
+    fast = fit(module(), 12, dataset(), on_device=True)
+    assert abs(float(plain.callback_metrics["val/loss"]) - float(fast.callback_metrics["val/loss"])) < 1e-4
+    for a, b in zip(plain.lightning_module.parameters(), fast.lightning_module.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert "train/loss" in fast.callback_metrics  # logged on intervals, still there for callbacks and loggers
+
+
+@pytest.mark.slow
+def test_compiled_and_eager_steps_agree():
+    """torch.compile of the loss (forward, cross-entropy and so their backward) over fixed, padded shapes:
+    the same weights after the same steps. All captions fit one length bucket, so it compiles once."""
+    eager = fit(module(), 6, dataset(max_words=6), pad_to=8)
+    compiled_module = module(compile=True)
+    compiled = fit(compiled_module, 6, dataset(max_words=6), pad_to=8)
+    assert compiled_module.compiled_loss is not None
+    for a, b in zip(eager.lightning_module.parameters(), compiled.lightning_module.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert abs(float(eager.callback_metrics["val/loss"]) - float(compiled.callback_metrics["val/loss"])) < 1e-5
+
+
+def test_compile_setting_is_checked_and_the_progress_bar_refreshes_less_on_a_gpu(cfg_factory):
+    from captioner.run import progress_rate, train
+    from captioner.utils import CaptionerError
+
+    with pytest.raises(CaptionerError, match="compile=fast is not one of false, true, default, reduce-overhead"):
+        train(cfg_factory("compile=fast"))
+    assert progress_rate(cfg_factory("trainer=gpu")) == 50
+    assert progress_rate(cfg_factory("trainer=cpu")) == 1
+    assert cfg_factory().compile is False and cfg_factory("compile=reduce-overhead").compile == "reduce-overhead"
