@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 13 in one run (about 5 minutes on an H200; the steps in order of importance). Each step has its own timeout and
+# Every GPU measurement in one run (issues 11, 12, 13; about 9 minutes on an H200; the steps in order of importance). Each step has its own timeout and
 # writes its log and JSON line to "$OUT"; a failed or timed-out step does not stop the others.
 #
-# Run from the repository root on the GPU machine, with these git-ignored folders brought along:
+# Run from the repository root on the GPU machine, with these git-ignored folders brought along
+# (data/rehearsal-cache: `python benchmarks/coco_rehearsal.py --stage prepare`, the token cache of the rehearsal):
 #   .whl/    hydra-core, omegaconf, antlr4 wheels (bash ../shared/device/wheels.sh)
 #   .bench/  ref_limits.py (cp ../shared/bench/ref_limits.py .bench/), and gpudata/ + gpudata.json
 #            (python benchmarks/gpu_data.py build: the shapes caches, built on a CPU with spaCy)
@@ -16,7 +17,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
     > "$OUT/pip.log" 2>&1
 fi
-export PYTHONPATH=/tmp/site:$PWD
+export PYTHONPATH=/tmp/site:$PWD${GPU_EXTRA_PATH:+:$GPU_EXTRA_PATH}  # .bench/site: pycocoevalcap's Python part
 export PYTHONUNBUFFERED=1
 export CAPTIONER_REF=${CAPTIONER_REF:-$PWD/.bench/ref_limits.py}
 ln -sfn ../conf captioner/conf
@@ -32,18 +33,23 @@ step() {  # step NAME SECONDS COMMAND...: log to $OUT/NAME.log, the last line (t
 }
 
 step env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, pytorch_lightning as pl; print(torch.__version__, pl.__version__, torch.cuda.get_device_name())"'
-step sync_check 90 python3 benchmarks/sync_check.py --steps 200
 step train 120 python3 benchmarks/train_throughput.py --scale "$SCALE"
 step beam 90 python3 benchmarks/beam_search.py --repeats 3
 BENCH=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['captions_per_s'])" "$OUT/train.json" 2>/dev/null)
 step cli_loop 150 python3 benchmarks/cli_loop.py --scale "$SCALE" ${CLI_EXTRA:-} ${BENCH:+--bench-cps $BENCH}
 if [ -f .bench/gpudata.json ]; then
   python3 benchmarks/gpu_data.py restore > "$OUT/gpudata.log" 2>&1
-  export CAPTIONER_DATA_DIR=/tmp/captioner-gpudata
-  step shapes 100 python3 benchmarks/cli_loop.py --shapes
+  CAPTIONER_DATA_DIR=/tmp/captioner-gpudata step shapes 100 python3 benchmarks/cli_loop.py --shapes
 else
   echo "shapes skipped: no .bench/gpudata (python benchmarks/gpu_data.py build)" | tee -a "$OUT/summary.txt"
 fi
+if [ -f benchmarks/recipes.py ]; then  # issue 12: one SCST step vs one cross-entropy step at batch 256
+  step scst_timing 90 python3 benchmarks/recipes.py --step-timing --batch 256 --device cuda
+fi
+if [ -d data/rehearsal-cache ] && [ "$SCALE" = coco ]; then  # issue 11: COCO-sized Karpathy rehearsal
+  step rehearsal 330 python3 benchmarks/coco_rehearsal.py --out /tmp/rehearsal-out --timeout 240
+fi
+step sync_check 60 python3 benchmarks/sync_check.py --steps 200
 if [ "$SCALE" = coco ]; then
   step train_compiled 120 python3 benchmarks/train_throughput.py --scale coco --no-reference --compile reduce-overhead
 fi
