@@ -11,7 +11,7 @@ from hydra.types import RunMode
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.utilities import rank_zero_only
 
 from captioner.data import CaptionDataModule, ResampleCaptions
@@ -20,6 +20,7 @@ from captioner.history import History
 from captioner.model import RNNS
 from captioner.module import CaptionModule
 from captioner.monitor import CaptionMonitor
+from captioner.scst import SCSTModule
 from captioner.utils import CaptionerError, atomic_write_text
 from captioner.vocab import load_words
 
@@ -43,6 +44,48 @@ def check_config(cfg: DictConfig) -> None:
         raise CaptionerError(f"learning_rate={cfg.learning_rate} must be positive.")
     if cfg.ckpt_path and not Path(cfg.ckpt_path).is_file():
         raise CaptionerError(f"ckpt_path={cfg.ckpt_path} does not exist; expected a .ckpt file to resume from.")
+    check_recipes(cfg)
+
+
+def check_recipes(cfg: DictConfig) -> None:
+    """The training-recipe keys (regularisers, scheduled sampling, SCST)."""
+    for key in ("dropout", "label_smoothing", "scheduled_sampling.max_prob"):
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise CaptionerError(f"{key}={value} must be a number in [0, 1).")
+    if cfg.objective not in ("xe", "scst"):
+        raise CaptionerError(f"objective={cfg.objective} is not one of xe, scst.")
+    if cfg.scst.baseline not in ("mean", "greedy"):
+        raise CaptionerError(f"scst.baseline={cfg.scst.baseline} is not one of mean, greedy.")
+    if not isinstance(cfg.scst.samples, int) or cfg.scst.samples < (2 if cfg.scst.baseline == "mean" else 1):
+        raise CaptionerError(f"scst.samples={cfg.scst.samples} must be an integer >= 2 with the mean baseline "
+                             f"(>= 1 with greedy).")
+    if cfg.objective == "scst" and not cfg.eval_every > 0:
+        raise CaptionerError(f"eval_every={cfg.eval_every} must be positive with objective=scst: val/CIDEr picks "
+                             f"its checkpoints.")
+    if cfg.init_from and not Path(cfg.init_from).is_file():
+        raise CaptionerError(f"init_from={cfg.init_from} does not exist; expected the .ckpt file of a finished run.")
+
+
+def load_checkpoint(path) -> dict:
+    """The one place a checkpoint file is read here (to be swapped for the safe loader)."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def init_weights(module: CaptionModule, path, dm: CaptionDataModule) -> None:
+    """init_from: start from a finished run's weights; it must share this run's vocabulary and features."""
+    ckpt = load_checkpoint(path)
+    hp = ckpt["hyper_parameters"]
+    if hp["itos"] != dm.vocab.itos or hp["feature_dim"] != dm.feature_dim:
+        raise CaptionerError(f"init_from={path} was trained with another vocabulary or encoder; use the data, "
+                             f"encoder and vocab_size it was trained with.")
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError:
+        raise CaptionerError(f"init_from={path} has another model shape; use the hidden_size, num_layers, rnn_type "
+                             f"and embeddings it was trained with ({hp['hidden_size']}, {hp['num_layers']}, "
+                             f"{hp['rnn_type']}, {hp['embeddings'].get('name')}).") from None
+    log.info("Initialised the weights from %s (step %d).", path, ckpt.get("global_step", 0))
 
 
 def build_datamodule(cfg: DictConfig) -> CaptionDataModule:
@@ -73,12 +116,18 @@ def build_module(cfg: DictConfig, dm: CaptionDataModule, nlp) -> CaptionModule:
             remap = nearest_kept(nlp, dm.vocab.itos, words, len(dm.vocab) - 4)
             dm.remap_words(remap)
             log.info("Mapped %d out-of-vocabulary words to their nearest kept word instead of <unk>.", len(remap))
-    return CaptionModule(
+    optimizer = OmegaConf.to_container(cfg.optimizers[cfg.optimizer], resolve=True)
+    if cfg.weight_decay is not None:
+        optimizer["weight_decay"] = float(cfg.weight_decay)
+    module_class = SCSTModule if cfg.objective == "scst" else CaptionModule
+    return module_class(
         itos=dm.vocab.itos, feature_dim=dm.feature_dim, preprocess=dm.preprocess, embeddings=emb,
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, rnn_type=cfg.rnn_type,
-        optimizer=OmegaConf.to_container(cfg.optimizers[cfg.optimizer], resolve=True),
+        optimizer=optimizer,
         learning_rate=cfg.learning_rate, config=OmegaConf.to_container(cfg, resolve=True),
-        pretrained=pretrained, has_vector=has_vector, blind=cfg.blind)
+        pretrained=pretrained, has_vector=has_vector, blind=cfg.blind, dropout=cfg.dropout,
+        label_smoothing=cfg.label_smoothing, scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        scheduled_sampling=OmegaConf.to_container(cfg.scheduled_sampling, resolve=True))
 
 
 def train(cfg: DictConfig) -> float:
@@ -94,15 +143,18 @@ def train(cfg: DictConfig) -> float:
     module = build_module(cfg, dm, nlp)
     if rank_zero_only.rank == 0:
         dm.vocab.save(run_dir / "vocab.txt")
+    if cfg.init_from and not cfg.ckpt_path:  # resuming restores everything itself
+        init_weights(module, cfg.init_from, dm)
     if cfg.ckpt_path:
         saved = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)["hyper_parameters"]
         if saved["itos"] != dm.vocab.itos or saved["feature_dim"] != dm.feature_dim:
             raise CaptionerError(f"ckpt_path={cfg.ckpt_path} was trained with another vocabulary or encoder; "
                                  f"resume with the data, encoder and vocab_size it was trained with.")
     ckpt_dir = run_dir / "checkpoints"
-    by_loss = cfg.checkpoint_monitor in ("val/loss", "val/ppl")  # else an evaluation metric, logged every eval_every
+    monitor = "val/CIDEr" if cfg.objective == "scst" else cfg.checkpoint_monitor  # SCST optimises CIDEr
+    by_loss = monitor in ("val/loss", "val/ppl")  # else an evaluation metric, logged every eval_every
     callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=cfg.checkpoint_monitor, save_last=True,
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor=monitor, save_last=True,
                         mode="min" if by_loss else "max", every_n_epochs=1 if by_loss else cfg.eval_every),
         ModelCheckpoint(dirpath=ckpt_dir, filename="periodic-{step}", train_time_interval=timedelta(minutes=cfg.save_every)),
         ResampleCaptions(),
@@ -112,6 +164,8 @@ def train(cfg: DictConfig) -> float:
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_every))
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))  # train/lr (the scheduler entry's name)
     steps = dict(max_steps=cfg.iterations, max_epochs=-1) if cfg.iterations > 0 else dict(max_epochs=cfg.epochs)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=logger, **steps)
     if logger:
