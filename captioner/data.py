@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioner.coco import load_splits
 from captioner.features import extract_split, feature_dir, load_features, preprocess_spec
+from captioner.scenes import make_scenes
 from captioner.shapes import make_shapes
 from captioner.vocab import END, PAD, START, Vocabulary, build_tokens, coverage, load_words, token_dir
 
@@ -108,7 +109,7 @@ class CaptionDataModule(pl.LightningDataModule):
         if self.datasets:
             return
         if self.generate:
-            make_shapes(self.root, self.generate)
+            (make_scenes if self.name == "scenes" else make_shapes)(self.root, self.generate)
         splits = self._load_splits()
         build_tokens(splits, self.cache_dir, self.lowercase, self.drop_punct)
         for split in splits.values():

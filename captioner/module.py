@@ -60,13 +60,13 @@ class CaptionModule(pl.LightningModule):
         scheduler = make_scheduler(optimizer, self.hparams.scheduler, self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
-    def sampling_probability(self) -> float:
+    def sampling_probability(self, epoch=None) -> float:
         """Scheduled sampling's p at this epoch: 0 before `start`, then + `increase_prob` every `increase_every`
         epochs up to `max_prob` (ruotianluo's scheduled_sampling_* options)."""
-        ss = self.hparams.scheduled_sampling or {}
-        if not ss.get("max_prob") or self.current_epoch < ss.get("start", 0):
+        ss, epoch = self.hparams.scheduled_sampling or {}, self.current_epoch if epoch is None else epoch
+        if not ss.get("max_prob") or epoch < ss.get("start", 0):
             return 0.0
-        steps = (self.current_epoch - ss.get("start", 0)) // max(1, ss.get("increase_every", 1))
+        steps = (epoch - ss.get("start", 0)) // max(1, ss.get("increase_every", 1))
         return min(ss.get("increase_prob", 0.05) * steps, ss["max_prob"])
 
     def scheduled_sampling_loss(self, batch, p: float):

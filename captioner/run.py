@@ -53,6 +53,8 @@ def check_recipes(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         if not isinstance(value, (int, float)) or not 0 <= value < 1:
             raise CaptionerError(f"{key}={value} must be a number in [0, 1).")
+    if cfg.scheduler.name not in ("none", "step", "cosine", "plateau"):
+        raise CaptionerError(f"scheduler={cfg.scheduler.name} is not one of none, step, cosine, plateau.")
     if cfg.objective not in ("xe", "scst"):
         raise CaptionerError(f"objective={cfg.objective} is not one of xe, scst.")
     if cfg.scst.baseline not in ("mean", "greedy"):

@@ -42,7 +42,8 @@ class ImageRows(Dataset):
 
 def sample_captions(model, features, k: int, max_len: int):
     """k captions per image, image-major (rows i*k .. i*k+k-1): tokens [B*k, T] (<pad> after <end>) and the
-    log-probability of each sampled token [B*k, T] (0 after the end), differentiable."""
+    log-probability of each sampled token [B*k, T] (0 after the end), differentiable. All B*k captions
+    advance together, one RNN step per word."""
     state = _repeat(model.initial_state(features), k)
     n = features.shape[0] * k
     words = torch.full((n,), START, dtype=torch.long, device=features.device)
@@ -53,7 +54,9 @@ def sample_captions(model, features, k: int, max_len: int):
     for t in range(max_len):
         logits, state = model.step(words, state)
         logp = F.log_softmax(logits.float().masked_fill(never, float("-inf")), -1)
-        words = torch.multinomial(logp.detach().exp(), 1).squeeze(1)
+        # one categorical draw per row by the Gumbel-max trick: the distribution of torch.multinomial, without its
+        # slow CPU path (argmax of log p + Gumbel noise, the noise being -log of Exp(1) draws)
+        words = (logp.detach() - torch.empty_like(logp).exponential_().log()).argmax(-1)
         words = torch.where(done, torch.full_like(words, PAD), words)
         logps.append(torch.where(done, 0.0, logp.gather(1, words[:, None]).squeeze(1)))
         tokens.append(words)
