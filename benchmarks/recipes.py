@@ -17,12 +17,11 @@ from pathlib import Path
 
 import torch
 
-SCENES = ["data=scenes", "data.generate={train2017: 3000, val2017: 300}", "hidden_size=256", "batch_size=32",
-          "learning_rate=2e-3", "eval_max_images=300", "eval_beam_size=1", "caption_idx=-1", "embeddings=glove50",
-          "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false", "logger=none"]
-XE = ["epochs=8", "eval_every=8"]
+COMMON = ["embeddings=glove50", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+          "logger=none"]
+XE = ["experiment=scenes_xe"]  # conf/experiment/scenes_xe.yaml: 3,000 + 300 images, LSTM 256, 8 epochs
 TUNED = ["dropout=0.2", "scheduler=cosine", "scheduler.warmup_steps=50", "trainer.gradient_clip_val=1.0"]
-SCST = ["objective=scst", "epochs=3", "eval_every=3", "learning_rate=1e-4", "scst.samples=5", "scst.baseline=mean"]
+SCST = ["experiment=scenes_scst"]  # 3 epochs of SCST, 5 samples per image, mean baseline
 
 
 def stage(work, name, overrides, data_dir):
@@ -32,7 +31,7 @@ def stage(work, name, overrides, data_dir):
 
     with initialize_config_module("captioner.conf", version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.data_dir={data_dir}", f"paths.run_dir={work / name}",
-                                           *SCENES, *overrides])
+                                           *COMMON, *overrides])
     start = time.perf_counter()
     train(cfg)
     seconds = time.perf_counter() - start
@@ -53,7 +52,7 @@ def quality(a, user):
         out.update(val_cider_xe=round(cider, 4), seconds_xe=s)
         cider, s, _ = stage(work, "xe_tuned", [*XE, *TUNED, *user], a.data_dir)
         out.update(val_cider_xe_tuned=round(cider, 4), seconds_xe_tuned=s)
-        cider, s, _ = stage(work, "scst", [*XE, *SCST, f"init_from={xe_ckpt}", *user], a.data_dir)
+        cider, s, _ = stage(work, "scst", [*SCST, f"init_from={xe_ckpt}", *user], a.data_dir)
         out.update(val_cider_scst=round(cider, 4), seconds_scst=s)
         cider, s, _ = stage(work, "blind", [*XE, "blind=true", *user], a.data_dir)
         out.update(val_cider_blind=round(cider, 4), seconds_blind=s)

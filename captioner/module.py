@@ -57,7 +57,7 @@ class CaptionModule(pl.LightningModule):
         if self.device.type == "cuda" and cfg["_target_"] in ("torch.optim.Adam", "torch.optim.AdamW"):
             cfg.setdefault("fused", True)
         optimizer = hydra.utils.instantiate(cfg, params=self.parameters(), lr=self.hparams.learning_rate)
-        scheduler = make_scheduler(optimizer, self.hparams.scheduler, self.trainer.estimated_stepping_batches)
+        scheduler = make_scheduler(optimizer, self.hparams.scheduler, lambda: self.trainer.estimated_stepping_batches)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     def sampling_probability(self, epoch=None) -> float:
@@ -92,7 +92,7 @@ class CaptionModule(pl.LightningModule):
             self.log("train/ss_prob", self.sampling_probability())
 
 
-def make_scheduler(optimizer, cfg, total_steps) -> dict:
+def make_scheduler(optimizer, cfg, total_steps: callable) -> dict:
     """The learning-rate schedule as a Lightning scheduler config; LearningRateMonitor logs it as train/lr.
     `none` is the seed's constant rate (a constant factor 1, so train/lr is logged the same way)."""
     cfg = dict(cfg or {"name": "none"})
@@ -105,7 +105,7 @@ def make_scheduler(optimizer, cfg, total_steps) -> dict:
                 "scheduler": sched.StepLR(optimizer, step_size=cfg["step_size"], gamma=cfg["gamma"])}
     if name == "cosine":  # linear warmup from warmup_start_factor, then cosine decay to min_factor at the end
         warmup = int(cfg["warmup_steps"])
-        total = max(int(total_steps), warmup + 1)
+        total = max(int(total_steps()), warmup + 1)  # only here: estimating it builds the training loader
         base = optimizer.param_groups[0]["lr"]
         return {**entry, "scheduler": sched.SequentialLR(optimizer, [
             sched.LinearLR(optimizer, start_factor=cfg["warmup_start_factor"], total_iters=max(warmup, 1)),

@@ -151,6 +151,7 @@ def test_regularisers_reach_the_model_and_optimizer(cfg_factory):
     assert scalars(Path(cfg.paths.run_dir), "train/ss_prob") == pytest.approx([0.0, 0.25])
 
 
+@pytest.mark.slow
 def test_scst_starts_from_a_cross_entropy_checkpoint_and_resumes_from_its_own(trained, cfg_factory):
     first = cfg_factory("objective=scst", f"init_from={trained['ckpt']}", "epochs=2", "eval_every=1",
                         "trainer.log_every_n_steps=1", "eval_max_images=16", run="scst1")
