@@ -10,6 +10,7 @@ import sys
 from captioner.cli import compose_config, one_line_errors
 from captioner.coco import load_splits
 from captioner.features import extract_split
+from captioner.scenes import make_scenes
 from captioner.shapes import make_shapes
 
 
@@ -20,7 +21,7 @@ def main(argv=None):
     cfg = compose_config("config", ["paths.run_dir=.", *argv])
     data, encoder = cfg.data, cfg.encoder
     if data.get("generate"):
-        make_shapes(data.root, data.generate)
+        (make_scenes if data.name == "scenes" else make_shapes)(data.root, data.generate)
     for role, split in load_splits(data.root, data.splits, data.get("split_file")).items():
         folder = extract_split(split, encoder, cfg.paths.cache_dir, data.get("image_size"), encoder.batch_size,
                                encoder.num_workers)
