@@ -19,7 +19,7 @@ import torch
 
 COMMON = ["embeddings=glove50", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
           "logger=none"]
-XE = ["experiment=scenes_xe"]  # conf/experiment/scenes_xe.yaml: 3,000 + 300 images, LSTM 256, 8 epochs
+XE = ["experiment=scenes_xe"]  # conf/experiment/scenes_xe.yaml: 3,000 + 300 images, LSTM 256, 20 epochs
 TUNED = ["dropout=0.2", "scheduler=cosine", "scheduler.warmup_steps=50", "trainer.gradient_clip_val=1.0"]
 SCST = ["experiment=scenes_scst"]  # 3 epochs of SCST, 5 samples per image, mean baseline
 
@@ -114,7 +114,10 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--caption-choice", action="store_true", help="compare caption_idx=0 with caption_idx=-1")
     p.add_argument("--data-dir", default="data", help="where datasets and caches live (paths.data_dir)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch; on a shared 2-core machine 2 threads made these small steps 20x slower")
     a, user = p.parse_known_args()
+    torch.set_num_threads(a.threads)
     if a.step_timing:
         print(json.dumps(step_timing(a.batch, torch.device(a.device), a.repeats)))
         return
