@@ -93,3 +93,19 @@ def check_same_architecture(path, saved: dict, wanted: dict) -> None:
     if "embedding_dim" in wanted and dim is not None and dim != wanted["embedding_dim"]:
         raise CaptionerError(f"ckpt_path={path} was trained with {dim}-d word vectors, not "
                              f"{wanted['embedding_dim']}-d; resume with the embeddings it was trained with.")
+
+
+def init_weights(module, path, itos, feature_dim) -> None:
+    """init_from: start from a finished run's weights (not its optimizer or step); it must share this run's
+    vocabulary, features and model shape."""
+    ckpt = load_checkpoint(path, key="init_from")
+    hp = ckpt["hyper_parameters"]
+    if hp["itos"] != list(itos) or hp["feature_dim"] != feature_dim:
+        raise CaptionerError(f"init_from={path} was trained with another vocabulary or encoder; use the data, "
+                             f"encoder and vocab_size it was trained with.")
+    try:
+        module.load_state_dict(ckpt["state_dict"])
+    except RuntimeError:
+        raise CaptionerError(f"init_from={path} has another model shape; use the hidden_size, num_layers, rnn_type "
+                             f"and embeddings it was trained with ({hp['hidden_size']}, {hp['num_layers']}, "
+                             f"{hp['rnn_type']}, {hp['embeddings'].get('name')}).") from None

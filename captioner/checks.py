@@ -167,3 +167,29 @@ def check_run(cfg):
         text(cfg, "ckpt_path", nullable=True)
     for key in ("data_dir", "cache_dir", "run_dir"):  # a read-only cache is one sentence, not a PermissionError
         writable_dir(cfg.paths[key], f"paths.{key}")
+
+
+def check_recipes(cfg):
+    """The training-recipe keys (regularisers, scheduler, scheduled sampling, SCST)."""
+    from omegaconf import OmegaConf
+
+    for key in ("dropout", "label_smoothing", "scheduled_sampling.max_prob"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise CaptionerError(f"{key}={value} must be a number in [0, 1).")
+    if cfg.weight_decay is not None:
+        number(cfg, "weight_decay", low=0)
+    if cfg.scheduler.name not in ("none", "step", "cosine", "plateau"):
+        raise CaptionerError(f"scheduler={cfg.scheduler.name} is not one of none, step, cosine, plateau.")
+    if cfg.objective not in ("xe", "scst"):
+        raise CaptionerError(f"objective={cfg.objective} is not one of xe, scst.")
+    if cfg.scst.baseline not in ("mean", "greedy"):
+        raise CaptionerError(f"scst.baseline={cfg.scst.baseline} is not one of mean, greedy.")
+    if not isinstance(cfg.scst.samples, int) or cfg.scst.samples < (2 if cfg.scst.baseline == "mean" else 1):
+        raise CaptionerError(f"scst.samples={cfg.scst.samples} must be an integer >= 2 with the mean baseline "
+                             f"(>= 1 with greedy).")
+    if cfg.objective == "scst" and not cfg.eval_every > 0:
+        raise CaptionerError(f"eval_every={cfg.eval_every} must be positive with objective=scst: val/CIDEr picks "
+                             f"its checkpoints.")
+    if cfg.init_from is not None:
+        text(cfg, "init_from")

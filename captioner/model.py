@@ -35,7 +35,7 @@ class WordEmbedding(nn.Module):
 
 class ShowAndTell(nn.Module):
     def __init__(self, feature_dim: int, vocab_size: int, embedding: WordEmbedding, hidden_size: int = 512,
-                 num_layers: int = 1, rnn_type: str = "lstm", blind: bool = False):
+                 num_layers: int = 1, rnn_type: str = "lstm", blind: bool = False, dropout: float = 0.0):
         super().__init__()
         self.blind = blind  # ablation: zero the image features, leaving a language model (the blind baseline)
         self.rnn_type, self.num_layers, self.hidden_size = rnn_type.lower(), num_layers, hidden_size
@@ -43,6 +43,7 @@ class ShowAndTell(nn.Module):
         self.embed = embedding
         self.rnn = RNNS[self.rnn_type](embedding.weight.shape[1], hidden_size, num_layers, batch_first=True)
         self.out = nn.Linear(hidden_size, vocab_size)
+        self.drop = nn.Dropout(dropout)  # on the word vectors and on the RNN output before `out` (training only)
 
     def initial_state(self, features):
         """The features become the hidden state of every layer; an LSTM's cell state starts at zero."""
@@ -54,10 +55,11 @@ class ShowAndTell(nn.Module):
         """Teacher forcing: hidden states for every input position, (batch, time, hidden), and the last state."""
         if state is None:
             state = self.initial_state(features)
-        return self.rnn(self.embed(inputs), state)
+        out, state = self.rnn(self.drop(self.embed(inputs)), state)
+        return self.drop(out), state
 
     def step(self, words, state):
         """One decoding step: the previous words [B] and the state -> next-word logits [B, V] and the new state.
         Beam search, sampling and self-critical training all advance the RNN through this."""
-        out, state = self.rnn(self.embed(words[:, None]), state)
-        return self.out(out[:, -1]), state
+        out, state = self.rnn(self.drop(self.embed(words[:, None])), state)
+        return self.out(self.drop(out[:, -1])), state

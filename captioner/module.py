@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from captioner.model import ShowAndTell, WordEmbedding
+from captioner.utils import CaptionerError
 from captioner.vocab import PAD, Vocabulary
 
 
@@ -15,13 +16,14 @@ class CaptionModule(pl.LightningModule):
 
     def __init__(self, itos, feature_dim, preprocess, embeddings, hidden_size=512, num_layers=1, rnn_type="lstm",
                  optimizer=None, learning_rate=1e-4, config=None, pretrained=None, has_vector=None, blind=False,
-                 compile=False):
+                 dropout=0.0, label_smoothing=0.0, scheduler=None, scheduled_sampling=None, compile=False):
         super().__init__()
         # the pretrained matrix lives in the state dict (a buffer), not in the hyperparameters
         self.save_hyperparameters(ignore=["pretrained", "has_vector"], logger=False)
         self.vocab = Vocabulary(itos)
         embedding = WordEmbedding(len(itos), embeddings["dim"], embeddings.get("freeze", False), pretrained, has_vector)
-        self.model = ShowAndTell(feature_dim, len(itos), embedding, hidden_size, num_layers, rnn_type, blind)
+        self.model = ShowAndTell(feature_dim, len(itos), embedding, hidden_size, num_layers, rnn_type, blind,
+                                 dropout)
         self.val_loss = MeanMetric()
         # opt-in: the loss (model forward + cross-entropy, and so its backward) as a torch.compile graph; true or
         # a torch.compile mode such as "reduce-overhead" (CUDA graphs). Batches are then padded to few lengths.
@@ -41,10 +43,13 @@ class CaptionModule(pl.LightningModule):
         else:  # on a CPU the output layer is the cost: run it on the real (non-pad) positions only
             mask = targets != PAD
             logits, targets = self.model.out(hidden[mask]), targets[mask]
-        return F.cross_entropy(logits.float(), targets, ignore_index=PAD), (targets != PAD).sum()
+        smoothing = self.hparams.label_smoothing if self.training else 0.0  # val/loss stays the plain cross-entropy
+        return (F.cross_entropy(logits.float(), targets, ignore_index=PAD, label_smoothing=smoothing),
+                (targets != PAD).sum())
 
     def training_step(self, batch, batch_idx):
-        loss, _ = (self.compiled_loss or self.loss)(batch)
+        p = self.sampling_probability()
+        loss = self.scheduled_sampling_loss(batch, p) if p > 0 else (self.compiled_loss or self.loss)(batch)[0]
         # on intervals only: a logged value is read back (a device sync) when loggers or the progress bar use it
         step, trainer = self.global_step + 1, self.trainer  # the logger writes when step % log_every_n_steps == 0
         if step % trainer.log_every_n_steps == 0 or step == 1 or trainer.is_last_batch or step == trainer.max_steps:
@@ -66,4 +71,63 @@ class CaptionModule(pl.LightningModule):
         cfg = dict(self.hparams.optimizer or {"_target_": "torch.optim.Adam", "amsgrad": True})
         if self.device.type == "cuda" and cfg["_target_"] in ("torch.optim.Adam", "torch.optim.AdamW"):
             cfg.setdefault("fused", True)
-        return hydra.utils.instantiate(cfg, params=self.parameters(), lr=self.hparams.learning_rate)
+        optimizer = hydra.utils.instantiate(cfg, params=self.parameters(), lr=self.hparams.learning_rate)
+        scheduler = make_scheduler(optimizer, self.hparams.scheduler, lambda: self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def sampling_probability(self, epoch=None) -> float:
+        """Scheduled sampling's p at this epoch: 0 before `start`, then + `increase_prob` every `increase_every`
+        epochs up to `max_prob` (ruotianluo's scheduled_sampling_* options)."""
+        ss, epoch = self.hparams.scheduled_sampling or {}, self.current_epoch if epoch is None else epoch
+        if not ss.get("max_prob") or epoch < ss.get("start", 0):
+            return 0.0
+        steps = (epoch - ss.get("start", 0)) // max(1, ss.get("increase_every", 1))
+        return min(ss.get("increase_prob", 0.05) * steps, ss["max_prob"])
+
+    def scheduled_sampling_loss(self, batch, p: float):
+        """Cross-entropy where each step's input is, with probability p, the model's own previous prediction
+        (sampled from its distribution) instead of the reference word (Bengio et al., 2015). One RNN step at a time,
+        the whole batch together; positions after the caption's end keep <pad>."""
+        features, inputs, targets = batch
+        state = self.model.initial_state(features)
+        words, logits = inputs[:, 0], []
+        for t in range(inputs.shape[1]):
+            if t > 0:
+                own = torch.multinomial(logits[-1].detach().float().softmax(-1), 1).squeeze(1)
+                use_own = (torch.rand(own.shape, device=own.device) < p) & (inputs[:, t] != PAD)
+                words = torch.where(use_own, own, inputs[:, t])
+            step_logits, state = self.model.step(words, state)
+            logits.append(step_logits)
+        mask = targets != PAD
+        return F.cross_entropy(torch.stack(logits, 1)[mask].float(), targets[mask],
+                               label_smoothing=self.hparams.label_smoothing)
+
+    def on_train_epoch_start(self):
+        if (self.hparams.scheduled_sampling or {}).get("max_prob"):
+            self.log("train/ss_prob", self.sampling_probability())
+
+
+def make_scheduler(optimizer, cfg, total_steps: callable) -> dict:
+    """The learning-rate schedule as a Lightning scheduler config; LearningRateMonitor logs it as train/lr.
+    `none` is the seed's constant rate (a constant factor 1, so train/lr is logged the same way)."""
+    cfg = dict(cfg or {"name": "none"})
+    name, sched = cfg.get("name", "none"), torch.optim.lr_scheduler
+    entry = {"name": "train/lr", "interval": "step"}
+    if name == "none":
+        return {**entry, "scheduler": sched.ConstantLR(optimizer, factor=1.0, total_iters=0)}
+    if name == "step":  # multiply by gamma every step_size epochs
+        return {**entry, "interval": "epoch",
+                "scheduler": sched.StepLR(optimizer, step_size=cfg["step_size"], gamma=cfg["gamma"])}
+    if name == "cosine":  # linear warmup from warmup_start_factor, then cosine decay to min_factor at the end
+        warmup = int(cfg["warmup_steps"])
+        total = max(int(total_steps()), warmup + 1)  # only here: estimating it builds the training loader
+        base = optimizer.param_groups[0]["lr"]
+        return {**entry, "scheduler": sched.SequentialLR(optimizer, [
+            sched.LinearLR(optimizer, start_factor=cfg["warmup_start_factor"], total_iters=max(warmup, 1)),
+            sched.CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=base * cfg["min_factor"])],
+            milestones=[warmup])}
+    if name == "plateau":  # cut by `factor` when val/loss stalls for `patience` validations
+        return {**entry, "interval": "epoch", "monitor": "val/loss",
+                "strict": False, "scheduler": sched.ReduceLROnPlateau(optimizer, mode="min", factor=cfg["factor"],
+                                                     patience=cfg["patience"])}
+    raise CaptionerError(f"scheduler={name} is not one of none, step, cosine, plateau.")

@@ -18,12 +18,13 @@ import numpy as np
 from captioner.coco import CaptionSplit, load_splits
 from captioner.data import CaptionBatches
 from captioner.features import extract_split, feature_dir, load_features, preprocess_spec
+from captioner.scenes import make_scenes
 from captioner.shapes import make_shapes
 from captioner.vocab import SPECIALS, Vocabulary, build_tokens, coverage, load_words
 
 log = logging.getLogger(__name__)
 
-GENERATORS = {"shapes": make_shapes}  # built-in datasets, written in the COCO layout on first use
+GENERATORS = {"shapes": make_shapes, "scenes": make_scenes}  # built-in datasets, written in the COCO layout on first use
 
 
 def read_splits(data) -> dict:

@@ -10,15 +10,17 @@ from hydra.types import RunMode
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
 
 from captioner import checks
-from captioner.checkpoint import check_same_architecture, load_checkpoint
+from captioner.checkpoint import check_same_architecture, init_weights, load_checkpoint
 from captioner.data import CaptionDataModule
 from captioner.embeddings import load_vectors
 from captioner.model import RNNS
 from captioner.module import CaptionModule
 from captioner.prepare import prepare, word_vectors
+from captioner.scst import SCSTModule
 from captioner.utils import METRICS_FILE, CaptionerError, atomic_write_text
 
 log = logging.getLogger("captioner")
@@ -28,6 +30,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 def check_config(cfg: DictConfig) -> None:
     """Catch wrong values early, with one sentence naming the key."""
     checks.check_run(cfg)
+    checks.check_recipes(cfg)
     rnn = str(cfg.rnn_type).lower()
     if rnn not in RNNS:
         raise CaptionerError(f"rnn_type={cfg.rnn_type} is not one of lstm, gru, rnn.")
@@ -49,27 +52,36 @@ def build(cfg: DictConfig, nlp=None):
                            cfg.data.num_workers, cfg.data.resident, val_references=dict(zip(val.image_ids, val.captions)),
                            val_paths={i: val.image_dir / f for i, f in zip(val.image_ids, val.files)},
                            pad_to=8 if cfg.get("compile") else 1)
+    optimizer = OmegaConf.to_container(cfg.optimizers[cfg.optimizer], resolve=True)
+    if cfg.weight_decay is not None:
+        optimizer["weight_decay"] = float(cfg.weight_decay)
     pl.seed_everything(cfg.seed, workers=True)  # after the caches: building them must not change the draws
-    module = CaptionModule(
+    module = (SCSTModule if cfg.objective == "scst" else CaptionModule)(
         itos=vocab.itos, feature_dim=prepared.feature_dim, preprocess=prepared.preprocess, embeddings=emb,
-        hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, rnn_type=cfg.rnn_type,
-        optimizer=OmegaConf.to_container(cfg.optimizers[cfg.optimizer], resolve=True),
+        hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, rnn_type=cfg.rnn_type, optimizer=optimizer,
         learning_rate=cfg.learning_rate, config=OmegaConf.to_container(cfg, resolve=True),
-        pretrained=pretrained, has_vector=has_vector, blind=cfg.blind, compile=cfg.get("compile") or False)
+        pretrained=pretrained, has_vector=has_vector, blind=cfg.blind, dropout=cfg.dropout,
+        label_smoothing=cfg.label_smoothing, scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
+        scheduled_sampling=OmegaConf.to_container(cfg.scheduled_sampling, resolve=True),
+        compile=cfg.get("compile") or False)
     return prepared, vocab, dm, module
 
 
-def build_callbacks(cfg: DictConfig) -> list:
+def build_callbacks(cfg: DictConfig, logger) -> list:
     """The `callbacks/` group, instantiated. best.ckpt follows its metric: a loss is minimised and logged every
     epoch; an evaluation metric (val/CIDEr, ...) is maximised and logged every eval_every epochs."""
-    by_loss = cfg.checkpoint_monitor in ("val/loss", "val/ppl")
-    schedule = {"best_checkpoint": dict(mode="min" if by_loss else "max",
-                                        every_n_epochs=1 if by_loss else cfg.eval_every)}
-    schedule["progress_bar"] = dict(refresh_rate=cfg.progress_every or progress_rate(cfg))
+    monitor = "val/CIDEr" if cfg.objective == "scst" else cfg.checkpoint_monitor  # SCST optimises CIDEr
+    by_loss = monitor in ("val/loss", "val/ppl")
+    schedule = {"best_checkpoint": dict(monitor=monitor, mode="min" if by_loss else "max",
+                                        every_n_epochs=1 if by_loss else cfg.eval_every),
+                "progress_bar": dict(refresh_rate=cfg.progress_every or progress_rate(cfg))}
     if not cfg.trainer.get("enable_progress_bar", True):
         schedule["progress_bar"] = None
-    return [hydra.utils.instantiate(c, **schedule.get(name, {})) for name, c in cfg.callbacks.items()
-            if c is not None and schedule.get(name, {}) is not None]
+    callbacks = [hydra.utils.instantiate(c, **schedule.get(name, {})) for name, c in cfg.callbacks.items()
+                 if c is not None and schedule.get(name, {}) is not None]
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))  # train/lr (the scheduler entry's name)
+    return callbacks
 
 
 def progress_rate(cfg: DictConfig) -> int:
@@ -99,10 +111,13 @@ def train(cfg: DictConfig) -> float:
         if saved["itos"] != vocab.itos or saved["feature_dim"] != prepared.feature_dim:
             raise CaptionerError(f"ckpt_path={cfg.ckpt_path} was trained with another vocabulary or encoder; "
                                  f"resume with the data, encoder and vocab_size it was trained with.")
+    elif cfg.init_from:  # resuming restores everything itself
+        init_weights(module, cfg.init_from, vocab.itos, prepared.feature_dim)
+        log.info("Initialised the weights from %s.", cfg.init_from)
     ckpt_dir = run_dir / "checkpoints"
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     steps = dict(max_steps=cfg.iterations, max_epochs=-1) if cfg.iterations > 0 else dict(max_epochs=cfg.epochs)
-    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg), logger=logger, **steps)
+    trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg, logger), logger=logger, **steps)
     if logger:
         logger.log_hyperparams({k: v for k, v in module.hparams.config.items() if not isinstance(v, dict)})
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)  # checked safe above

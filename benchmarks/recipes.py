@@ -1,0 +1,128 @@
+"""Training recipes on data=scenes: cross-entropy (XE), XE with the best regularisers/schedule, SCST (mean baseline)
+started from the XE checkpoint, and the blind (image-features-zeroed) baseline; val CIDEr of each.
+
+    python benchmarks/recipes.py [key=value ...]       # the four stages (overrides go to every stage)
+    python benchmarks/recipes.py --caption-choice      # fixed (caption_idx=0) vs random (caption_idx=-1) caption
+    python benchmarks/recipes.py --step-timing [--batch 256] [--device cuda]   # one SCST step vs one XE step
+
+The step timing needs no dataset, spaCy, pycocoevalcap or CNN: random features and synthetic references.
+Last line: JSON with the figures.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+COMMON = ["embeddings=glove50", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+          "logger=none"]
+XE = ["experiment=scenes_xe"]  # conf/experiment/scenes_xe.yaml: 3,000 + 300 images, LSTM 256, 20 epochs
+TUNED = ["dropout=0.2", "scheduler=cosine", "scheduler.warmup_steps=50", "trainer.gradient_clip_val=1.0"]
+SCST = ["experiment=scenes_scst"]  # 3 epochs of SCST, 5 samples per image, mean baseline
+
+
+def stage(work, name, overrides, data_dir):
+    from hydra import compose, initialize_config_module
+
+    from captioner.run import train
+
+    with initialize_config_module("captioner.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.data_dir={data_dir}", f"paths.run_dir={work / name}",
+                                           *COMMON, *overrides])
+    start = time.perf_counter()
+    train(cfg)
+    seconds = time.perf_counter() - start
+    metrics = json.loads((work / name / "metrics.json").read_text())
+    print(f"{name}: val/CIDEr {metrics.get('val/CIDEr', float('nan')):.4f} in {seconds:.0f} s", file=sys.stderr)
+    return metrics.get("val/CIDEr", float("nan")), round(seconds, 1), work / name / "checkpoints" / "last.ckpt"
+
+
+def quality(a, user):
+    with tempfile.TemporaryDirectory() as tmp:
+        work, out = Path(tmp), {}
+        if a.caption_choice:
+            for name, idx in (("fixed", 0), ("random", -1)):
+                cider, s, _ = stage(work, name, [*XE, *user, f"caption_idx={idx}"], a.data_dir)
+                out.update({f"val_cider_{name}": round(cider, 4), f"seconds_{name}": s})
+            return out
+        cider, s, xe_ckpt = stage(work, "xe", [*XE, *user], a.data_dir)
+        out.update(val_cider_xe=round(cider, 4), seconds_xe=s)
+        cider, s, _ = stage(work, "xe_tuned", [*XE, *TUNED, *user], a.data_dir)
+        out.update(val_cider_xe_tuned=round(cider, 4), seconds_xe_tuned=s)
+        cider, s, _ = stage(work, "scst", [*SCST, f"init_from={xe_ckpt}", *user], a.data_dir)
+        out.update(val_cider_scst=round(cider, 4), seconds_scst=s)
+        cider, s, _ = stage(work, "blind", [*XE, "blind=true", *user], a.data_dir)
+        out.update(val_cider_blind=round(cider, 4), seconds_blind=s)
+        out["scst_gain_relative"] = round(out["val_cider_scst"] / out["val_cider_xe"] - 1, 4)
+        return out
+
+
+def step_timing(batch, device, repeats=20, vocab=10000, feature_dim=1280, hidden=512, refs=5, length=16):
+    """Seconds per optimizer step, XE vs SCST (5 samples, mean baseline), on random data of COCO-like sizes."""
+    from captioner.module import CaptionModule
+    from captioner.scst import SCSTModule
+    from captioner.vocab import PAD
+
+    g = torch.Generator().manual_seed(0)
+    words = lambda *shape: torch.randint(4, vocab, shape, generator=g)
+    references = words(batch * 4, refs, length)
+    references[:, :, 12:] = PAD  # 12-word references
+    kwargs = dict(itos=["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(vocab - 4)],
+                  feature_dim=feature_dim, preprocess={}, embeddings={"dim": 300}, hidden_size=hidden,
+                  config={"scst": {"samples": 5, "baseline": "mean", "max_len": length}})
+    features = torch.randn(batch, feature_dim, generator=g).to(device)
+    inputs = torch.cat([torch.ones(batch, 1, dtype=torch.long), words(batch, length - 1)], 1).to(device)
+    targets = torch.cat([inputs[:, 1:], torch.full((batch, 1), 2)], 1).to(device)
+    rows = torch.arange(batch, device=device)
+    out = {}
+    for name, cls in (("xe", CaptionModule), ("scst", SCSTModule)):
+        torch.manual_seed(0)
+        module = cls(**kwargs).to(device)
+        opt = torch.optim.Adam(module.parameters(), 1e-4)
+        if name == "scst":
+            from captioner.cider import CiderD
+
+            module.cider = CiderD(references, vocab).to(device)
+            module.references = references.to(device)
+            module.log = lambda *a, **k: None  # no Trainer here
+        step = lambda: (module.training_step((features, inputs, targets, rows), 0) if name == "scst"
+                        else module.loss((features, inputs, targets))[0])
+        for i in range(repeats + 3):  # 3 warm-up steps
+            if i == 3:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            step().backward()
+            opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        out[f"{name}_step_ms"] = round(1000 * (time.perf_counter() - start) / repeats, 2)
+    out.update(ratio=round(out["scst_step_ms"] / out["xe_step_ms"], 2), batch=batch, device=str(device),
+               gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--step-timing", action="store_true")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--caption-choice", action="store_true", help="compare caption_idx=0 with caption_idx=-1")
+    p.add_argument("--data-dir", default="data", help="where datasets and caches live (paths.data_dir)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch; on a shared 2-core machine 2 threads made these small steps 20x slower")
+    a, user = p.parse_known_args()
+    torch.set_num_threads(a.threads)
+    if a.step_timing:
+        print(json.dumps(step_timing(a.batch, torch.device(a.device), a.repeats)))
+        return
+    print(json.dumps(quality(a, user)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""Self-critical sequence training (Rennie et al., 2017): the policy-gradient stage after cross-entropy.
+
+For each image, K captions are sampled (one batched multinomial draw per step for all B * K captions), each is
+rewarded with CIDEr-D against all the image's reference captions (document frequencies of the training references,
+computed once), and the loss is -(reward - baseline) * log p(caption), per token. The baseline is the mean reward
+of the image's other samples (`scst.baseline=mean`, "new self-critical") or the reward of its greedy caption
+(`scst.baseline=greedy`). Validation is the cross-entropy module's, plus val/CIDEr from the caption monitor.
+"""
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from captioner.cider import CiderD, reference_tensor
+from captioner.decoding import _repeat, beam_search
+from captioner.module import CaptionModule
+from captioner.vocab import END, PAD, START
+
+log = logging.getLogger(__name__)
+DEFAULTS = {"samples": 5, "baseline": "mean", "max_len": 16}
+
+
+class ImageRows(Dataset):
+    """A CaptionBatches whose batches also carry their image rows, so the reward can find all references."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getattr__(self, name):  # set_epoch, features, to_device, ... are the wrapped dataset's
+        return getattr(self.__dict__["base"], name)
+
+    def __getitems__(self, indices):
+        return (*self.base.__getitems__(indices), torch.as_tensor(indices, dtype=torch.long))
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])
+
+
+def sample_captions(model, features, k: int, max_len: int):
+    """k captions per image, image-major (rows i*k .. i*k+k-1): tokens [B*k, T] (<pad> after <end>) and the
+    log-probability of each sampled token [B*k, T] (0 after the end), differentiable. All B*k captions
+    advance together, one RNN step per word."""
+    state = _repeat(model.initial_state(features), k)
+    n = features.shape[0] * k
+    words = torch.full((n,), START, dtype=torch.long, device=features.device)
+    done = torch.zeros(n, dtype=torch.bool, device=features.device)
+    never = torch.zeros(1, model.out.out_features, dtype=torch.bool, device=features.device)
+    never[0, [PAD, START]] = True
+    tokens, logps = [], []
+    for t in range(max_len):
+        logits, state = model.step(words, state)
+        logp = F.log_softmax(logits.float().masked_fill(never, float("-inf")), -1)
+        # one categorical draw per row by the Gumbel-max trick: the distribution of torch.multinomial, without its
+        # slow CPU path (argmax of log p + Gumbel noise, the noise being -log of Exp(1) draws)
+        words = (logp.detach() - torch.empty_like(logp).exponential_().log()).argmax(-1)
+        words = torch.where(done, torch.full_like(words, PAD), words)
+        logps.append(torch.where(done, 0.0, logp.gather(1, words[:, None]).squeeze(1)))
+        tokens.append(words)
+        done = done | (words == END)
+        if (t + 1) % 4 == 0 and bool(done.all()):  # a host sync every few steps only
+            break
+    return torch.stack(tokens, 1), torch.stack(logps, 1)
+
+
+def policy_loss(logps, tokens, advantage):
+    """REINFORCE with a baseline: -(reward - baseline) * log p, averaged over the sampled tokens."""
+    mask = tokens != PAD
+    return -(logps * advantage.detach()[:, None].to(logps.dtype) * mask).sum() / mask.sum().clamp(min=1)
+
+
+def baseline_of(rewards, k: int, kind: str, greedy_rewards=None):
+    if kind == "greedy":
+        return greedy_rewards.repeat_interleave(k)
+    r = rewards.view(-1, k)  # mean of the other samples of the same image
+    return ((r.sum(1, keepdim=True) - r) / (k - 1)).view(-1)
+
+
+class SCSTModule(CaptionModule):
+    """The cross-entropy module with an SCST training step. Same weights and hyperparameters, so its checkpoints
+    caption, evaluate and serve like any other; settings come from the run config's `scst` block."""
+
+    def settings(self) -> dict:
+        return {**DEFAULTS, **((self.hparams.config or {}).get("scst") or {})}
+
+    def setup(self, stage):
+        train = self.trainer.datamodule.datasets.get("train")  # before the training loader is made
+        if stage == "fit" and not isinstance(train, ImageRows):
+            self.trainer.datamodule.datasets["train"] = ImageRows(train)
+
+    def on_fit_start(self):
+        dm = self.trainer.datamodule
+        refs = reference_tensor(dm.datasets["train"].base)
+        self.cider = CiderD(refs, len(self.vocab)).to(self.device)  # document frequencies, once per run
+        self.references = refs.to(self.device)
+        log.info("SCST: CIDEr-D document frequencies of %d training images (%d n-grams); %d samples per image, "
+                 "%s baseline.", len(refs), len(self.cider.df_codes), self.settings()["samples"],
+                 self.settings()["baseline"])
+
+    def rewards(self, tokens, rows, k):
+        image_of = torch.arange(len(rows), device=tokens.device).repeat_interleave(k)
+        return self.cider(tokens, self.references[rows.to(self.references.device)].to(tokens.device), image_of)
+
+    def training_step(self, batch, batch_idx):
+        features, _, _, rows = batch
+        s = self.settings()
+        k = int(s["samples"])
+        tokens, logps = sample_captions(self.model, features, k, int(s["max_len"]))
+        rewards = self.rewards(tokens, rows, k)
+        greedy = None
+        if s["baseline"] == "greedy":
+            self.model.eval()  # the test-time caption: no dropout
+            greedy_tokens = beam_search(self.model, features, beam_size=1, max_len=int(s["max_len"]))[0][:, 0]
+            self.model.train()
+            greedy = self.rewards(greedy_tokens, rows, 1)
+        baseline = baseline_of(rewards, k, s["baseline"], greedy)
+        loss = policy_loss(logps, tokens, rewards - baseline)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/reward", rewards.mean().float(), prog_bar=True)
+        self.log("train/reward_baseline", baseline.mean().float())
+        return loss
