@@ -74,8 +74,9 @@ def step_timing(batch, device, repeats=20, vocab=10000, feature_dim=1280, hidden
                   feature_dim=feature_dim, preprocess={}, embeddings={"dim": 300}, hidden_size=hidden,
                   config={"scst": {"samples": 5, "baseline": "mean", "max_len": length}})
     features = torch.randn(batch, feature_dim, generator=g).to(device)
-    inputs = torch.cat([torch.ones(batch, 1, dtype=torch.long), words(batch, length - 1)], 1).to(device)
-    targets = torch.cat([inputs[:, 1:], torch.full((batch, 1), 2)], 1).to(device)
+    inputs = torch.cat([torch.ones(batch, 1, dtype=torch.long), words(batch, length - 1)], 1)
+    targets = torch.cat([inputs[:, 1:], torch.full((batch, 1), 2)], 1).to(device)  # <end> last
+    inputs = inputs.to(device)
     rows = torch.arange(batch, device=device)
     out = {}
     for name, cls in (("xe", CaptionModule), ("scst", SCSTModule)):
