@@ -2,6 +2,8 @@
 
     python benchmarks/gpu_data.py build     # here: build at FIXED, copy to .bench/gpudata with a manifest
     python benchmarks/gpu_data.py restore   # there: copy back to FIXED, restore modification times
+    python benchmarks/gpu_data.py site      # here: pycocoevalcap's Python files into .bench/site (no jars, 0.1 MB):
+                                            # BLEU, ROUGE-L and CIDEr there (no java there: no METEOR, SPICE)
 
 Cache keys hold the absolute path, size and modification time of the annotation files (until caches are
 content-keyed), so the caches are built at a fixed absolute path and put back at the same path with the same
@@ -43,5 +45,16 @@ def restore():
     print(f"restored {len(times)} files into {FIXED}")
 
 
+def site():
+    import pycocoevalcap
+
+    src = Path(list(pycocoevalcap.__path__)[0])
+    dest = CARRIED.parent / "site" / "pycocoevalcap"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(src, dest, ignore=lambda d, names: [n for n in names if not (n.endswith(".py") or
+                                                                                  (Path(d) / n).is_dir())])
+    print(f"{sum(1 for _ in dest.rglob('*.py'))} files in {dest}")
+
+
 if __name__ == "__main__":
-    {"build": build, "restore": restore}[sys.argv[1]]()
+    {"build": build, "restore": restore, "site": site}[sys.argv[1]]()
