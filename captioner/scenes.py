@@ -7,18 +7,13 @@ synonyms ("big"/"large", "square"/"box"/"block", "under"/"below") and optional d
 and multi-reference metrics (CIDEr) and the choice of training caption (`caption_idx`) mean something.
 Some colour-shape pairs (HELD_OUT) never occur in the training split: validation tests generalisation to them.
 """
-import json
-import logging
 import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
-from captioner.shapes import _read_marker
-from captioner.utils import atomic_write_text, cached_dir
+from captioner.shapes import write_dataset
 
-log = logging.getLogger(__name__)
 
 COLOURS = {"red": (215, 35, 35), "green": (40, 165, 50), "blue": (35, 70, 220), "yellow": (240, 215, 30),
            "purple": (140, 50, 170), "orange": (245, 135, 20)}
@@ -112,33 +107,9 @@ def draw_scene(rng, size: int, held_out_ok: bool):
 def make_scenes(root, splits: dict, image_px: int = 128, seed: int = 0) -> Path:
     """Write the dataset under `root` (an existing complete one with the same settings is reused). `splits`
     maps a split name to its number of images; a split whose name starts with "train" never shows HELD_OUT pairs."""
-    root = Path(root)
+    def example(rng, split):
+        img, objects, bg = draw_scene(rng, image_px, held_out_ok=not split.startswith("train"))
+        return img, ".jpg", captions_for(rng, objects, bg)
+
     spec = {"splits": dict(splits), "image_px": image_px, "seed": seed, "version": 1, "kind": "scenes"}
-    complete = lambda folder: _read_marker(folder / "annotations" / ".complete.json") == spec
-    if complete(root):
-        return root
-
-    def build(tmp):
-        (tmp / "annotations").mkdir()
-        image_id, ann_id = 1, 1
-        for split_i, (split, n_images) in enumerate(splits.items()):
-            rng = random.Random(f"scenes-{seed}-{split_i}")
-            (tmp / split).mkdir()
-            images, annotations = [], []
-            for _ in tqdm(range(n_images), desc=f"scenes {split}", unit="img", leave=False):
-                img, objects, bg = draw_scene(rng, image_px, held_out_ok=not split.startswith("train"))
-                name = f"{image_id:012d}.jpg"
-                img.save(tmp / split / name, quality=92)
-                images.append({"id": image_id, "file_name": name, "width": image_px, "height": image_px})
-                for caption in captions_for(rng, objects, bg):
-                    annotations.append({"id": ann_id, "image_id": image_id, "caption": caption})
-                    ann_id += 1
-                image_id += 1
-            coco = {"info": {"description": "captioner synthetic scenes"}, "licenses": [],
-                    "images": images, "annotations": annotations}
-            (tmp / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco))
-        atomic_write_text(tmp / "annotations" / ".complete.json", json.dumps(spec))
-
-    cached_dir(root, build, is_complete=complete)  # locked: concurrent runs generate it once
-    log.info("Wrote the scenes dataset to %s (%s).", root, ", ".join(f"{k}: {v}" for k, v in splits.items()))
-    return root
+    return write_dataset(root, splits, spec, "scenes", example, f"scenes-{seed}-{{}}")

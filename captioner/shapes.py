@@ -54,42 +54,55 @@ def _read_marker(path: Path):
         return None
 
 
-def make_shapes(root, splits: dict, image_px: int = 128, seed: int = 0) -> Path:
-    """Write the dataset under `root` (idempotent: an existing complete dataset is reused).
+def write_dataset(root, splits: dict, spec: dict, name: str, example, rng_key: str) -> Path:
+    """Write a generated dataset in the COCO layout under `root`, or reuse it when complete with the same `spec`.
 
-    `splits` maps a split name ("train2017") to its number of images. The whole tree is built under a
-    temporary name and renamed at the end, under a lock, so an interrupted run never leaves a dataset that looks
-    complete and runs started together generate it once.
+    `example(rng, split)` draws one image and returns (PIL image, file suffix, its captions); each split has its
+    own seeded generator (`rng_key` formatted with the split's position). The tree is built under a temporary
+    name and renamed at the end, under a lock: an interrupted run never leaves a dataset that looks complete,
+    and runs started together generate it once.
     """
     root = Path(root)
-    spec = {"splits": dict(splits), "image_px": image_px, "seed": seed, "version": 2}
     complete = lambda folder: _read_marker(folder / "annotations" / ".complete.json") == spec
     if complete(root):
         return root
 
     def build(tmp):
         (tmp / "annotations").mkdir()
-        combos = [(n, c, s) for n in (1, 2, 3) for c in COLOURS for s in SHAPES]
         image_id, ann_id = 1, 1
         for split_i, (split, n_images) in enumerate(splits.items()):
-            rng = random.Random(f"{seed}-{split_i}")
+            rng = random.Random(rng_key.format(split_i))
             (tmp / split).mkdir()
             images, annotations = [], []
-            for i in tqdm(range(n_images), desc=f"shapes {split}", unit="img", leave=False):
-                count, colour, shape = combos[rng.randrange(len(combos))]
-                name = f"{image_id:012d}.png"
-                _draw(rng, image_px, count, colour, shape).save(tmp / split / name)
-                images.append({"id": image_id, "file_name": name, "width": image_px, "height": image_px})
-                annotations.append({"id": ann_id, "image_id": image_id, "caption": caption_for(count, colour, shape)})
+            for _ in tqdm(range(n_images), desc=f"{name} {split}", unit="img", leave=False):
+                img, suffix, captions = example(rng, split)
+                file_name = f"{image_id:012d}{suffix}"
+                img.save(tmp / split / file_name, **({"quality": 92} if suffix == ".jpg" else {}))
+                images.append({"id": image_id, "file_name": file_name, "width": img.width, "height": img.height})
+                for caption in captions:
+                    annotations.append({"id": ann_id, "image_id": image_id, "caption": caption})
+                    ann_id += 1
                 image_id += 1
-                ann_id += 1
-            coco = {"info": {"description": "captioner synthetic shapes"}, "licenses": [],
+            coco = {"info": {"description": f"captioner synthetic {name}"}, "licenses": [],
                     "images": images, "annotations": annotations}
             (tmp / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco))
         atomic_write_text(tmp / "annotations" / ".complete.json", json.dumps(spec))
 
     if root.exists():
-        log.info("Rebuilding the shapes dataset at %s (settings changed or incomplete).", root)
-    cached_dir(root, build, is_complete=complete)  # locked: concurrent runs generate it once
-    log.info("Wrote the shapes dataset to %s (%s).", root, ", ".join(f"{k}: {v}" for k, v in splits.items()))
+        log.info("Rebuilding the %s dataset at %s (settings changed or incomplete).", name, root)
+    cached_dir(root, build, is_complete=complete)
+    log.info("Wrote the %s dataset to %s (%s).", name, root, ", ".join(f"{k}: {v}" for k, v in splits.items()))
     return root
+
+
+def make_shapes(root, splits: dict, image_px: int = 128, seed: int = 0) -> Path:
+    """Write the dataset under `root` (idempotent: an existing complete dataset is reused). `splits` maps a
+    split name ("train2017") to its number of images."""
+    combos = [(n, c, s) for n in (1, 2, 3) for c in COLOURS for s in SHAPES]
+
+    def example(rng, split):
+        count, colour, shape = combos[rng.randrange(len(combos))]
+        return _draw(rng, image_px, count, colour, shape), ".png", [caption_for(count, colour, shape)]
+
+    spec = {"splits": dict(splits), "image_px": image_px, "seed": seed, "version": 2}
+    return write_dataset(root, splits, spec, "shapes", example, f"{seed}-{{}}")
