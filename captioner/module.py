@@ -53,7 +53,9 @@ class CaptionModule(pl.LightningModule):
         # on intervals only: a logged value is read back (a device sync) when loggers or the progress bar use it
         step, trainer = self.global_step + 1, self.trainer  # the logger writes when step % log_every_n_steps == 0
         if step % trainer.log_every_n_steps == 0 or step == 1 or trainer.is_last_batch or step == trainer.max_steps:
-            self.log("train/loss", loss, prog_bar=True)
+            # not prog_bar: Lightning converts every progress-bar value to a number after each batch, a device
+            # sync per step; the progress bar (monitor.LossProgressBar) reads it only when it refreshes
+            self.log("train/loss", loss)
             self.log("train/ppl", loss.exp())
         return loss
 

@@ -9,7 +9,7 @@ import logging
 
 import numpy as np
 from PIL import Image
-from pytorch_lightning.callbacks import Callback
+from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from captioner.decoding import captions
@@ -80,3 +80,19 @@ class CaptionMonitor(Callback):
                 pass  # a sample picture is a nicety; its caption is still in the table
             tb.add_text(f"samples/{r['image_id']}", f"**{r['caption']}** — {refs}", step)
         tb.add_text("val/samples", "\n".join(lines), step)
+
+
+class LossProgressBar(TQDMProgressBar):
+    """tqdm's bar with the training loss (and SCST's reward), read from the logged metrics only when the bar
+    refreshes: metrics logged with prog_bar=True are turned into numbers after every batch, which on a GPU
+    makes every step wait for the device."""
+
+    SHOWN = ("train/loss", "train/reward")
+
+    def get_metrics(self, trainer, pl_module):
+        items = super().get_metrics(trainer, pl_module)
+        for name in self.SHOWN:
+            value = trainer.callback_metrics.get(name)
+            if value is not None:
+                items[name] = f"{float(value):.3f}"
+        return items

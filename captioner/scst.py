@@ -118,7 +118,7 @@ class SCSTModule(CaptionModule):
             greedy = self.rewards(greedy_tokens, rows, 1)
         baseline = baseline_of(rewards, k, s["baseline"], greedy)
         loss = policy_loss(logps, tokens, rewards - baseline)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/reward", rewards.mean().float(), prog_bar=True)
+        self.log("train/loss", loss)
+        self.log("train/reward", rewards.mean().float())  # shown by monitor.LossProgressBar
         self.log("train/reward_baseline", baseline.mean().float())
         return loss
