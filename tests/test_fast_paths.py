@@ -87,6 +87,27 @@ def test_results_are_those_of_the_plain_loss_and_host_batches():
     assert "train/loss" in fast.callback_metrics  # logged on intervals, still there for callbacks and loggers
 
 
+def test_no_logged_value_is_read_back_after_each_step(monkeypatch):
+    """Lightning turns every progress-bar metric into a number after each batch (a GPU sync per step, even for a
+    stale value); the loss is logged without prog_bar and the progress bar reads it only when it refreshes."""
+    import pytorch_lightning.trainer.connectors.logger_connector.result as result
+
+    from captioner.monitor import LossProgressBar
+
+    read_back = []
+    convert = result.convert_tensors_to_scalars
+    monkeypatch.setattr(result, "convert_tensors_to_scalars", lambda v: read_back.append(1) or convert(v))
+    counts = []
+    for steps in (12, 24):  # one validation at the end of each: its prog-bar metrics are converted once
+        read_back.clear()
+        trainer = fit(module(), steps, dataset(), on_device=True)
+        counts.append(len(read_back))
+    assert trainer.global_step == 24 and counts[0] == counts[1], "conversions must not grow with the steps"
+    bar = LossProgressBar()
+    assert bar.get_metrics(trainer, trainer.lightning_module)["train/loss"] == \
+        f"{float(trainer.callback_metrics['train/loss']):.3f}"
+
+
 @pytest.mark.slow
 def test_compiled_and_eager_steps_agree():
     """torch.compile of the loss (forward, cross-entropy and so their backward) over fixed, padded shapes:
