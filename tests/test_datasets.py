@@ -218,6 +218,18 @@ def test_karpathy_config_trains_on_train_plus_restval(tmp_path):
     assert feats.shape == (2, 1280) and targets.shape[0] == 2
 
 
+def test_extract_in_process_lists_each_split_and_its_cache(data_dir, capsys):
+    """captioner.extract's main (fast tier; the CLI as a subprocess is the slow test below)."""
+    from captioner import extract
+
+    extract.main(["experiment=smoke", f"paths.data_dir={data_dir}", "encoder.num_workers=0"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(" ")[0] for line in lines] == ["train", "val"]
+    for line in lines:
+        folder = Path(line.split(" -> ")[1])
+        assert (folder / "meta.json").is_file() and "0 unreadable" in line
+
+
 @pytest.mark.slow
 def test_training_on_a_broken_copy_follows_the_policy(cfg_factory, tmp_path, caplog):
     from captioner.run import train

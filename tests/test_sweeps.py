@@ -104,3 +104,27 @@ def test_optuna_search_three_trials(tmp_path, data_dir):
     best = (tmp_path / "optimization_results.yaml").read_text()
     assert "best_value" in best
     assert float(best.split("best_value:")[1]) == pytest.approx(min(float(row["val/ppl"]) for row in rows))
+
+
+def test_results_table_is_rebuilt_from_every_job_file(tmp_path):
+    """The multirun table (fast tier; the real multiruns above are slow): one row per job's result.json, in job
+    order, evaluation metrics as extra columns, a failed job's error kept, written as CSV and Markdown."""
+    from captioner.sweep import write_table
+
+    jobs = [{"job": 1, "status": "failed", "overrides": "rnn_type=transformer", "wall_s": 1.0, "run_dir": "r1",
+             "error": "rnn_type=transformer is not one of lstm, gru, rnn."},
+            {"job": 0, "status": "completed", "overrides": "rnn_type=lstm", "val/loss": 0.5, "val/ppl": 1.6487,
+             "val/CIDEr": 0.9, "steps": 4, "wall_s": 2.0, "run_dir": "r0", "checkpoint": "r0/last.ckpt"}]
+    for row in jobs:
+        (tmp_path / str(row["job"])).mkdir()
+        (tmp_path / str(row["job"]) / "result.json").write_text(json.dumps(row))
+    rows = read_table_after(write_table, tmp_path)
+    assert [r["job"] for r in rows] == ["0", "1"] and [r["status"] for r in rows] == ["completed", "failed"]
+    assert rows[0]["val/CIDEr"] == "0.9" and rows[1]["error"].startswith("rnn_type=transformer")
+    md = (tmp_path / "results.md").read_text().splitlines()
+    assert md[0].startswith("| job | status | overrides | val/loss | val/ppl | val/CIDEr |") and len(md) == 4
+
+
+def read_table_after(write, sweep):
+    write(sweep)
+    return read_table(sweep)
