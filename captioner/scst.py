@@ -33,6 +33,12 @@ class ImageRows(Dataset):
     def __getattr__(self, name):  # set_epoch, features, to_device, ... are the wrapped dataset's
         return getattr(self.__dict__["base"], name)
 
+    def __setattr__(self, name, value):  # and so are its settings (the data module sets pad_to)
+        if name == "base":
+            super().__setattr__(name, value)
+        else:
+            setattr(self.base, name, value)
+
     def __getitems__(self, indices):
         return (*self.base.__getitems__(indices), torch.as_tensor(indices, dtype=torch.long))
 
