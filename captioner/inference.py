@@ -29,14 +29,10 @@ def resolve_checkpoint(ckpt_path, search_root="outputs") -> Path:
     return Path(ckpt_path)
 
 
-def pick_device(device="auto") -> torch.device:
-    return check_device(device)
-
-
 class Captioner:
     def __init__(self, ckpt_path, device="auto"):
         self.ckpt_path = resolve_checkpoint(ckpt_path)
-        self.device = pick_device(device)  # first: a missing GPU is its own sentence, not a checkpoint problem
+        self.device = check_device(device)  # first: a missing GPU is its own sentence, not a checkpoint problem
         ckpt = load_checkpoint(self.ckpt_path)  # safe: plain data and tensors only, never code
         try:
             self.module = CaptionModule(**ckpt["hyper_parameters"])

@@ -6,6 +6,7 @@ not get — not a JPEG, CMYK/other modes, no end-of-image marker (truncated) —
 instead, so the skip-and-list policy for unreadable images is the same as on the CPU path.
 """
 import io
+from pathlib import Path
 
 import torch
 from PIL import Image
@@ -28,7 +29,7 @@ class ImageBytes(Dataset):
 
     def __getitem__(self, i):
         try:
-            data = open(self.paths[i], "rb").read()
+            data = Path(self.paths[i]).read_bytes()
             with Image.open(io.BytesIO(data)) as im:  # parses the header only
                 if im.format == "JPEG" and im.mode in ("RGB", "L") and data.rstrip(b"\0").endswith(EOI):
                     return torch.frombuffer(bytearray(data), dtype=torch.uint8), i, ""

@@ -17,7 +17,7 @@ import numpy as np
 
 from captioner.coco import CaptionSplit, load_splits
 from captioner.data import CaptionBatches
-from captioner.features import extract_split, feature_dir, load_features, preprocess_spec
+from captioner.features import extract_split, load_features, preprocess_spec
 from captioner.scenes import make_scenes
 from captioner.shapes import make_shapes
 from captioner.vocab import SPECIALS, Vocabulary, build_tokens, coverage, load_words
@@ -35,10 +35,7 @@ def read_splits(data) -> dict:
 
 
 def split_features(split: CaptionSplit, encoder, cache_dir, image_size=None):
-    """(features float16 [n, dim] memory-mapped, image id per row) of a split, extracting them once."""
-    spec = preprocess_spec(encoder, image_size)
-    if not (feature_dir(cache_dir, split, spec) / "meta.json").exists():
-        log.info("Features for %s with %s are missing: extracting them now.", split.name, encoder.name)
+    """(features float16 [n, dim] memory-mapped, image id per row) of a split, extracting them once (logged)."""
     folder = extract_split(split, encoder, cache_dir, image_size, encoder.batch_size, encoder.num_workers)
     return load_features(folder)
 
