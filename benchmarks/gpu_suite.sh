@@ -44,7 +44,8 @@ else
   echo "shapes skipped: no .bench/gpudata (python benchmarks/gpu_data.py build)" | tee -a "$OUT/summary.txt"
 fi
 if [ -f benchmarks/recipes.py ]; then  # issue 12: one SCST step vs one cross-entropy step at batch 256
-  step scst_timing 90 python3 benchmarks/recipes.py --step-timing --batch 256 --device cuda
+  step scst_timing 90 python3 benchmarks/recipes.py --step-timing --batch 256 --device cuda   # bf16, as trainer=gpu
+  step scst_timing_fp32 90 python3 benchmarks/recipes.py --step-timing --batch 256 --device cuda --precision 32
 fi
 if [ -d data/rehearsal-cache ] && [ "$SCALE" = coco ]; then  # issue 11: COCO-sized Karpathy rehearsal
   step rehearsal 330 python3 benchmarks/coco_rehearsal.py --out /tmp/rehearsal-out --timeout 240

@@ -2,8 +2,9 @@
 
 The formula is pycocoevalcap's `Cider` (which is CIDEr-D: clipped tf-idf n-gram vectors for n = 1..4, cosine
 similarity with each reference, a Gaussian penalty on the length difference, the mean over n and references,
-times 10). Instead of its per-caption Python dictionaries, every n-gram is hashed to one integer and counted,
-weighted and matched with sorting, `searchsorted` and scatter ops over the whole batch, on any device.
+times 10). Instead of its per-caption Python dictionaries, every n-gram is coded as one integer; the document
+frequencies are counted once with sorting, and a batch is scored with fixed-shape comparisons of the codes of each
+hypothesis with those of its references (no `unique`, `nonzero` or boolean indexing, so no host sync on a GPU).
 
 Captions are token-id rows: the words are the ids before the first <end> or <pad>. An n-gram's integer is its ids
 read as digits in base `vocab_size`; ids are >= 1 (<pad> is 0), so n-grams of different lengths never collide and
@@ -26,32 +27,19 @@ def lengths_of(tokens):
     return torch.where(stop.any(1), stop.int().argmax(1), torch.full_like(stop[:, 0], tokens.shape[1], dtype=torch.long))
 
 
-def ngram_entries(tokens, base):
-    """tokens [S, T] -> one entry per n-gram occurrence: (row, order n - 1, code), n = 1..4."""
+def ngram_codes(tokens, base, missing=-1):
+    """tokens [S, T] -> codes [S, 4, T]: the code of the n-gram (n = 1..4) that starts at each position, `missing`
+    where there is none (past the caption's words); and the lengths [S]."""
     tokens = tokens.long()
-    S, T = tokens.shape
     length = lengths_of(tokens)
-    rows, orders, codes = [], [], []
+    codes = torch.full((tokens.shape[0], N, tokens.shape[1]), missing, dtype=torch.long, device=tokens.device)
+    pos = torch.arange(tokens.shape[1], device=tokens.device)
     code = tokens
-    for n in range(N):
+    for n in range(min(N, tokens.shape[1])):
         if n:
             code = code[:, :-1] * base + tokens[:, n:]
-        if code.shape[1] == 0:
-            break
-        ok = torch.arange(code.shape[1], device=tokens.device)[None] + n < length[:, None]
-        r, _ = ok.nonzero(as_tuple=True)
-        rows.append(r)
-        orders.append(torch.full_like(r, n))
-        codes.append(code[ok])
-    return torch.cat(rows), torch.cat(orders), torch.cat(codes), length
-
-
-def _count(rows, orders, codes):
-    """Distinct (row, n-gram) pairs with their counts (the term frequencies)."""
-    uniq, inverse = torch.unique(codes, return_inverse=True)
-    keys, slot, counts = torch.unique(rows * len(uniq) + inverse, return_inverse=True, return_counts=True)
-    order = torch.zeros_like(keys).scatter_(0, slot, orders)  # the same code always has the same order
-    return keys // len(uniq), order, uniq[keys % len(uniq)], counts
+        codes[:, n, :code.shape[1]] = torch.where(pos[:code.shape[1]] + n < length[:, None], code, missing)
+    return codes, length
 
 
 class CiderD:
@@ -68,11 +56,11 @@ class CiderD:
         self.base, self.sigma = vocab_size, sigma
         per_image = []
         for s in range(0, len(references), chunk):  # chunks bound the memory of the n-gram table
-            refs = references[s:s + chunk]
-            rows, orders, codes, _ = ngram_entries(refs.flatten(0, 1), self.base)
-            image = rows // refs.shape[1] + s
-            _, _, uniq_codes, _ = _count(image, orders, codes)  # each n-gram once per image
-            per_image.append(uniq_codes)
+            codes, _ = ngram_codes(references[s:s + chunk].flatten(0, 1), self.base)
+            codes = codes.view(-1, codes[0].numel() * references.shape[1]).sort(1).values  # an image's n-grams
+            first = torch.ones_like(codes, dtype=torch.bool)
+            first[:, 1:] = codes[:, 1:] != codes[:, :-1]
+            per_image.append(codes[first & (codes >= 0)])  # each n-gram once per image
         self.df_codes, df = torch.unique(torch.cat(per_image), return_counts=True)
         self.log_df = df.double().log()
         self.ref_len = math.log(float(len(references)))
@@ -81,43 +69,40 @@ class CiderD:
         self.df_codes, self.log_df = self.df_codes.to(device), self.log_df.to(device)
         return self
 
-    def _vectors(self, tokens):
-        """Sparse tf-idf vectors: entries (row, order, code, weight), the norm per row and order [S, 4], and the
-        length (pycocoevalcap counts the bigrams: the number of words minus one)."""
-        rows, orders, codes, length = ngram_entries(tokens, self.base)
-        rows, orders, codes, tf = _count(rows, orders, codes)
-        pos = torch.searchsorted(self.df_codes, codes).clamp(max=len(self.df_codes) - 1)
-        log_df = torch.where(self.df_codes[pos] == codes, self.log_df[pos], torch.zeros_like(self.log_df[pos]))
-        weight = tf.double() * (self.ref_len - log_df)  # log(max(1, df)): an unseen n-gram gets the full weight
-        norm = torch.zeros(len(tokens), N, dtype=torch.float64, device=tokens.device)
-        norm.index_put_((rows, orders), weight ** 2, accumulate=True)
-        return rows, orders, codes, weight, norm.sqrt(), (length - 1).clamp(min=0)
+    def _weights(self, codes, length):
+        """Per n-gram position: its tf-idf weight (term frequency in the caption x idf), whether it is the n-gram's
+        first occurrence there (so sums run over distinct n-grams), the norm per order [.., 4], and the length
+        (pycocoevalcap counts the bigrams: the number of words minus one)."""
+        same = codes[..., :, None] == codes[..., None, :]  # [.., 4, T, T]: positions holding the same n-gram
+        first = ~same.tril(-1).any(-1) & (codes >= 0)
+        pos = torch.searchsorted(self.df_codes, codes.clamp(min=0)).clamp(max=len(self.df_codes) - 1)
+        log_df = torch.where(self.df_codes[pos] == codes, self.log_df[pos], 0.0)
+        idf = self.ref_len - log_df  # log(max(1, df)): an unseen n-gram gets the full weight
+        weight = same.sum(-1, dtype=torch.int32) * idf  # (an int32 sum of booleans: no int64 copy)
+        norm = (torch.where(first, weight, 0.0) ** 2).sum(-1).sqrt()
+        return weight, idf, first, norm, (length - 1).clamp(min=0)
 
     def __call__(self, hyps, refs, image_of):
         """hyps [S, T] token ids, refs [I, R, L] the references of the batch's images, image_of [S] the row of refs
-        that each hypothesis describes -> CIDEr-D [S] (float64)."""
-        I, R, _ = refs.shape
-        h_row, h_ord, h_code, h_w, h_norm, h_len = self._vectors(hyps)
-        r_row, r_ord, r_code, r_w, r_norm, r_len = self._vectors(refs.flatten(0, 1))
-        # join hypothesis and reference n-grams on (image, code): a table of every reference's weight per key
-        uniq, inv = torch.unique(torch.cat([h_code, r_code]), return_inverse=True)
-        h_key = image_of.long()[h_row] * len(uniq) + inv[:len(h_code)]
-        r_key = (r_row // R) * len(uniq) + inv[len(h_code):]
-        keys, r_slot = torch.unique(r_key, return_inverse=True)
-        table = torch.zeros(len(keys), R, dtype=torch.float64, device=hyps.device)
-        table[r_slot, r_row % R] = r_w
-        pos = torch.searchsorted(keys, h_key).clamp(max=max(len(keys) - 1, 0))
-        found = (keys[pos] == h_key) if len(keys) else torch.zeros_like(h_key, dtype=torch.bool)
-        ref_w = torch.where(found[:, None], table[pos] if len(keys) else table.new_zeros(len(h_key), R), 0.0)
-        val = torch.zeros(len(hyps), N, R, dtype=torch.float64, device=hyps.device)
-        val.index_put_((h_row, h_ord), torch.minimum(h_w[:, None], ref_w) * ref_w, accumulate=True)  # clipping
-        ref_of = image_of.long()[:, None] * R + torch.arange(R, device=hyps.device)  # [S, R]
-        denom = h_norm[:, :, None] * r_norm[ref_of].transpose(1, 2)  # [S, 4, R]
+        that each hypothesis describes -> CIDEr-D [S] (float64). Fixed shapes throughout: every n-gram of a
+        hypothesis is compared with every n-gram of its image's references ([S, R, 4, T, L] comparisons, small for
+        captions), so nothing waits for the device."""
+        I, R, L = refs.shape
+        image_of = image_of.long()
+        h_codes, h_len = ngram_codes(hyps, self.base, missing=-1)
+        r_codes, r_len = ngram_codes(refs.flatten(0, 1), self.base, missing=-2)  # never equal to a missing -1
+        h_w, h_idf, h_first, h_norm, h_len = self._weights(h_codes, h_len)
+        _, _, _, r_norm, r_len = self._weights(r_codes, r_len)
+        r_codes = r_codes.view(I, R, N, L)[image_of]  # [S, R, 4, L]: the references of each hypothesis
+        tf_ref = (h_codes[:, None, :, :, None] == r_codes[:, :, :, None, :]).sum(-1, dtype=torch.int32)  # [S, R, 4, T]
+        ref_w = tf_ref * h_idf[:, None]  # the reference's weight of each hypothesis n-gram
+        val = (torch.where(h_first[:, None], torch.minimum(h_w[:, None], ref_w) * ref_w, 0.0)).sum(-1)  # clipping
+        denom = h_norm[:, None] * r_norm.view(I, R, N)[image_of]  # [S, R, 4]
         val = torch.where(denom != 0, val / torch.where(denom != 0, denom, 1.0), val)
-        delta = (h_len[:, None] - r_len[ref_of]).double()
-        val = val * torch.exp(-delta ** 2 / (2 * self.sigma ** 2))[:, None, :]  # Gaussian length penalty
-        present = (refs[:, :, 0] != PAD)[image_of.long()]  # [S, R]: real references, not padding rows
-        return 10.0 * (val.mean(1) * present).sum(1) / present.sum(1).clamp(min=1)
+        delta = (h_len[:, None] - r_len.view(I, R)[image_of]).double()
+        val = val * torch.exp(-delta ** 2 / (2 * self.sigma ** 2))[:, :, None]  # Gaussian length penalty
+        present = (refs[:, :, 0] != PAD)[image_of]  # [S, R]: real references, not padding rows
+        return 10.0 * (val.mean(2) * present).sum(1) / present.sum(1).clamp(min=1)
 
 
 def reference_tensor(dataset, max_refs: int = None):

@@ -1,8 +1,9 @@
 """Self-critical sequence training (Rennie et al., 2017): the policy-gradient stage after cross-entropy.
 
-For each image, K captions are sampled (one batched multinomial draw per step for all B * K captions), each is
+For each image, K captions are sampled without autograd (one batched draw per step for all B * K captions), each is
 rewarded with CIDEr-D against all the image's reference captions (document frequencies of the training references,
-computed once), and the loss is -(reward - baseline) * log p(caption), per token. The baseline is the mean reward
+computed once), and the loss is -(reward - baseline) * log p(caption), per token, with log p recomputed in one
+teacher-forced pass over all the samples (the step's only pass with autograd). The baseline is the mean reward
 of the image's other samples (`scst.baseline=mean`, "new self-critical") or the reward of its greedy caption
 (`scst.baseline=greedy`). Validation is the cross-entropy module's, plus val/CIDEr from the caption monitor.
 """
@@ -46,30 +47,57 @@ class ImageRows(Dataset):
         return self.__getitems__([i])
 
 
+@torch.no_grad()
 def sample_captions(model, features, k: int, max_len: int):
-    """k captions per image, image-major (rows i*k .. i*k+k-1): tokens [B*k, T] (<pad> after <end>) and the
-    log-probability of each sampled token [B*k, T] (0 after the end), differentiable. All B*k captions
-    advance together, one RNN step per word."""
+    """k captions per image, image-major (rows i*k .. i*k+k-1): tokens [B*k, T], <pad> after <end>. All B*k
+    captions advance together, one RNN step per word, without autograd: `caption_nll` scores them afterwards in
+    one teacher-forced pass (with dropout, its masks are drawn anew there)."""
     state = _repeat(model.initial_state(features), k)
     n = features.shape[0] * k
     words = torch.full((n,), START, dtype=torch.long, device=features.device)
     done = torch.zeros(n, dtype=torch.bool, device=features.device)
-    never = torch.zeros(1, model.out.out_features, dtype=torch.bool, device=features.device)
-    never[0, [PAD, START]] = True
-    tokens, logps = [], []
+    tokens = []
     for t in range(max_len):
         logits, state = model.step(words, state)
-        logp = F.log_softmax(logits.float().masked_fill(never, float("-inf")), -1)
-        # one categorical draw per row by the Gumbel-max trick: the distribution of torch.multinomial, without its
-        # slow CPU path (argmax of log p + Gumbel noise, the noise being -log of Exp(1) draws)
-        words = (logp.detach() - torch.empty_like(logp).exponential_().log()).argmax(-1)
-        words = torch.where(done, torch.full_like(words, PAD), words)
-        logps.append(torch.where(done, 0.0, logp.gather(1, words[:, None]).squeeze(1)))
+        # one categorical draw per row by inverting the cumulative distribution: one uniform number per row (a
+        # Gumbel-max draw needs one per word, and torch.multinomial has a slow CPU path)
+        logits = logits.float() + _specials_bias(logits)
+        cdf = (logits - logits.max(-1, keepdim=True).values).exp_().cumsum_(-1)
+        u = torch.rand(n, 1, device=cdf.device) * cdf[:, -1:]
+        words = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+        words = torch.where(done, PAD, words)
         tokens.append(words)
         done = done | (words == END)
         if (t + 1) % 4 == 0 and bool(done.all()):  # a host sync every few steps only
             break
-    return torch.stack(tokens, 1), torch.stack(logps, 1)
+    return torch.stack(tokens, 1)
+
+
+def _specials_bias(logits):
+    """Added to logits: -inf for <pad> and <start>, which are never sampled, 0 for every other word (an addition,
+    so the backward pass copies nothing)."""
+    bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    bias[PAD:START + 1] = float("-inf")  # PAD, START = 0, 1 (a fill: no index tensor to copy to the device)
+    return bias
+
+
+def caption_nll(model, features, tokens, k: int, real_only=None):
+    """-log p of each token of the sampled captions [B*k, T] (0 at <pad>) under the distribution they were
+    sampled from, in one teacher-forced pass of the RNN over all B*k captions: the policy gradient's only
+    pass with autograd, and its output layer runs once over the whole batch instead of once per word.
+    `real_only` (default: on a CPU) runs the output layer on the real tokens only; otherwise every position is
+    scored with fixed shapes (boolean indexing would make a GPU wait) and the pads are ignored."""
+    state = _repeat(model.initial_state(features), k)
+    inputs = torch.cat([torch.full_like(tokens[:, :1], START), tokens[:, :-1]], 1)
+    hidden, _ = model(features, inputs, state)
+    if not (hidden.device.type == "cpu" if real_only is None else real_only):
+        logits = model.out(hidden)
+        logits = (logits + _specials_bias(logits)).flatten(0, 1).float()
+        return F.cross_entropy(logits, tokens.flatten(), ignore_index=PAD, reduction="none").view_as(tokens)
+    real = tokens != PAD
+    logits = model.out(hidden[real])
+    nll = F.cross_entropy((logits + _specials_bias(logits)).float(), tokens[real], reduction="none")
+    return torch.zeros(tokens.shape, dtype=nll.dtype, device=nll.device).index_put((real,), nll)
 
 
 def policy_loss(logps, tokens, advantage):
@@ -114,7 +142,7 @@ class SCSTModule(CaptionModule):
         features, _, _, rows = batch
         s = self.settings()
         k = int(s["samples"])
-        tokens, logps = sample_captions(self.model, features, k, int(s["max_len"]))
+        tokens = sample_captions(self.model, features, k, int(s["max_len"]))
         rewards = self.rewards(tokens, rows, k)
         greedy = None
         if s["baseline"] == "greedy":
@@ -123,7 +151,7 @@ class SCSTModule(CaptionModule):
             self.model.train()
             greedy = self.rewards(greedy_tokens, rows, 1)
         baseline = baseline_of(rewards, k, s["baseline"], greedy)
-        loss = policy_loss(logps, tokens, rewards - baseline)
+        loss = policy_loss(-caption_nll(self.model, features, tokens, k), tokens, rewards - baseline)
         self.log("train/loss", loss)
         self.log("train/reward", rewards.mean().float())  # shown by monitor.LossProgressBar
         self.log("train/reward_baseline", baseline.mean().float())

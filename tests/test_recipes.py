@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from captioner.decoding import _repeat
 from captioner.module import CaptionModule
 from captioner.run import train
-from captioner.scst import baseline_of, policy_loss, sample_captions
+from captioner.scst import baseline_of, caption_nll, policy_loss, sample_captions
 from captioner.utils import CaptionerError
 from captioner.vocab import END, PAD, START
 from test_train import scalars
@@ -112,14 +113,41 @@ def test_scst_samples_follow_the_model_distribution():
     m = make_module().model
     features = torch.randn(1, 10).repeat(4000, 1)
     torch.manual_seed(0)
-    tokens, logps = sample_captions(m, features, k=2, max_len=1)
+    tokens = sample_captions(m, features, k=2, max_len=1)
+    assert not tokens.requires_grad
     logits, _ = m.step(torch.full((1,), START), m.initial_state(features[:1]))
     logits[:, [PAD, START]] = float("-inf")
     expected = logits.softmax(-1)[0]
     observed = torch.bincount(tokens[:, 0], minlength=len(ITOS)).float() / len(tokens)
     assert (observed - expected).abs().max() < 0.02
     assert observed[PAD] == 0 and observed[START] == 0
-    assert torch.allclose(logps[:, 0], torch.log(expected)[tokens[:, 0]].detach(), atol=1e-5)
+    # the teacher-forced re-scoring gives the log-probabilities of the distribution the words were drawn from
+    assert torch.allclose(-caption_nll(m, features, tokens, 2)[:, 0], torch.log(expected)[tokens[:, 0]].detach(),
+                          atol=1e-5)
+
+
+def test_scst_rescoring_equals_the_word_by_word_log_probabilities():
+    """caption_nll's one pass over whole captions = the log-probabilities of each word, step by step, as the
+    sampler saw them; 0 after the end; and its gradient reaches every parameter."""
+    m = make_module().model
+    torch.manual_seed(1)
+    features = torch.randn(3, 10)
+    tokens = sample_captions(m, features, k=4, max_len=6)
+    tokens[0] = torch.tensor([5, 6, END, PAD, PAD, PAD])  # one caption that ends early
+    nll = caption_nll(m, features, tokens, 4)
+    state = _repeat(m.initial_state(features), 4)
+    words, expected = torch.full((12,), START), []
+    for t in range(tokens.shape[1]):
+        logits, state = m.step(words, state)
+        logits[:, [PAD, START]] = float("-inf")
+        expected.append(-logits.log_softmax(-1).gather(1, tokens[:, t:t + 1]).squeeze(1))
+        words = tokens[:, t]
+    expected = torch.stack(expected, 1).masked_fill(tokens == PAD, 0.0)
+    assert torch.allclose(nll, expected, atol=1e-5) and (nll[0, 3:] == 0).all() and (nll[0, :3] > 0).all()
+    # the GPU's fixed-shape form (every position scored, pads ignored) gives the same numbers
+    assert torch.allclose(caption_nll(m, features, tokens, 4, real_only=False), nll, atol=1e-6)
+    nll.sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
 
 def run_cfg(cfg_factory, *overrides, run):
