@@ -8,9 +8,10 @@ captions/s next to benchmarks/train_throughput.py's (the bare Trainer) in the sa
     python benchmarks/cli_loop.py -- trainer.precision=32-true   # more captioner.run overrides
 
 The synthetic set is written in the COCO layout with its caches (random float16 "ResNet-50" features, token
-arrays of the words w0..w9999 with the benchmark's lengths and Zipf frequencies) under the keys captioner.run
-looks up, so the command runs as on real data without images, spaCy or a CNN. `--shapes` builds (or reuses,
-e.g. from $CAPTIONER_DATA_DIR) the shapes set and its caches as a user's first run would.
+arrays of the words w1..w9999 with the benchmark's lengths and Zipf frequencies: train_throughput.caption_arrays)
+under the keys captioner.run looks up, so the command runs as on real data without images, spaCy or a CNN.
+`--shapes` builds (or reuses, e.g. from $CAPTIONER_DATA_DIR) the shapes set and its caches as a user's first run
+would.
 
 Rates come from the TensorBoard events of the run: `captions_per_s` (or `steps_per_s`) over training steps
 within an epoch after the first; `epoch_captions_per_s` (or `epoch_steps_per_s`) from one validation to the
@@ -101,7 +102,8 @@ def rates(run_dir):
     bounds = [s for s, _ in val]
     steps = seconds = 0.0
     for (s1, t1), (s2, t2) in zip(train, train[1:]):
-        if bounds and s1 >= bounds[0] and not any(s1 < b <= s2 for b in bounds):
+        # a validation logged at step b ran after the training step b was logged: (s1, s2] spans it if s1 <= b < s2
+        if bounds and s1 >= bounds[0] and not any(s1 <= b < s2 for b in bounds):
             steps, seconds = steps + s2 - s1, seconds + t2 - t1
     epoch_s, epoch_steps = (val[-1][1] - val[-2][1], val[-1][0] - val[-2][0]) if len(val) >= 2 else (float("nan"), 0)
     return (steps / seconds if seconds else float("nan")), epoch_s, epoch_steps

@@ -37,6 +37,7 @@ step train 120 python3 benchmarks/train_throughput.py --scale "$SCALE"
 step beam 90 python3 benchmarks/beam_search.py --repeats 3
 BENCH=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['captions_per_s'])" "$OUT/train.json" 2>/dev/null)
 step cli_loop 150 python3 benchmarks/cli_loop.py --scale "$SCALE" ${CLI_EXTRA:-} ${BENCH:+--bench-cps $BENCH}
+step train_bare 150 python3 benchmarks/train_throughput.py --scale "$SCALE" --bare --no-reference  # what the Trainer costs
 if [ -f .bench/gpudata.json ]; then
   python3 benchmarks/gpu_data.py restore > "$OUT/gpudata.log" 2>&1
   CAPTIONER_DATA_DIR=/tmp/captioner-gpudata step shapes 100 python3 benchmarks/cli_loop.py --shapes

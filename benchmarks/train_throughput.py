@@ -8,11 +8,14 @@ COCO-like caption lengths, vocabulary 10,000, embedding 300, LSTM 512, batch 256
     python benchmarks/train_throughput.py --scale coco    # 118,287 captions (GPU)
     python benchmarks/train_throughput.py --scale coco --max-steps 60   # peak host memory at COCO scale (CPU)
     python benchmarks/train_throughput.py --scale coco --compile reduce-overhead   # the opt-in compiled step
+    python benchmarks/train_throughput.py --bare          # also the same module and batches in a plain loop
 
 The reference is ../shared/bench/ref_limits.py, or `--ref PATH` / $CAPTIONER_REF (benchmarks/reference.py).
 
 Last line: JSON with captions_per_s, reference_captions_per_s, ratio, epoch_s (118,287 captions), and
-peak_rss_mb: the peak resident memory while training (Linux VmHWM, reset after the data is generated).
+peak_rss_mb: the peak resident memory while training (Linux VmHWM, reset after the data is generated). With
+`--bare`: bare_captions_per_s, the same CaptionModule.loss, batches and optimizer in a plain loop without the
+Trainer, and trainer_share, the fraction of the bare loop's speed that the Trainer keeps (what Lightning costs).
 """
 import argparse
 import json
@@ -35,12 +38,20 @@ COCO_N, FEAT, EMB, HID, V, BS = 118_287, 2048, 300, 512, 10_000, 256
 
 
 def caption_arrays(n, seed=0, g=None):
-    """Words per caption (COCO-like, as ref_limits.py draws them, less the <end> it counts) and the word ids."""
+    """Words per caption (COCO-like, as ref_limits.py draws them, less the <end> it counts) and the word ids.
+
+    ref_limits.py draws its words from the same Zipf law over ids 0..V-1, but id 0 (the most frequent word, 10% of
+    the draws) is also its padding id, so its loss never scores those positions: it trains on 89.8% of its caption
+    tokens. Word 0 is left out here, so that both loops score the same number of tokens per caption."""
     g = g or torch.Generator().manual_seed(seed)
     lengths = (torch.randn(n, generator=g) * 2.5 + 11.5).round().clamp(6, 30).long().numpy() - 1  # + <end>
     zipf = 1.0 / torch.arange(1, V + 1).float()
     words = torch.multinomial(zipf / zipf.sum(), int(lengths.sum()), replacement=True, generator=g).numpy()
-    return lengths, words
+    caption = np.repeat(np.arange(n), lengths)
+    keep = words != 0
+    first = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    keep[first] |= np.bincount(caption[keep], minlength=n) == 0  # a caption of only word 0 keeps one (no empty one)
+    return np.bincount(caption[keep], minlength=n), words[keep]
 
 
 def synthetic(n, folder, seed=0):
@@ -96,6 +107,33 @@ def run_captioner(n, epochs, max_steps, folder, compile=False):
     return cps
 
 
+def run_bare(n, epochs, folder):
+    """The same loss, batches (assembled on the device on a GPU) and fused AMSGrad Adam, in a plain loop."""
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    (Path(folder) / "bare").mkdir()
+    ds = synthetic(n, Path(folder) / "bare")
+    if cuda:
+        ds.to_device(device)  # as CaptionDataModule places resident features
+    loader = CaptionDataModule(datasets={"train": ds}, batch_size=BS, shuffle=True)._loader("train", True)
+    module = CaptionModule(SPECIALS + [f"w{i}" for i in range(V)], FEAT, preprocess={},
+                           embeddings={"name": "learned", "dim": EMB}, hidden_size=HID, learning_rate=1e-4).to(device)
+    opt = torch.optim.Adam(module.parameters(), 1e-4, amsgrad=True, fused=cuda)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for batch in loader:
+            with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
+                loss = module.loss(batch)[0]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        float(loss.detach())  # waits for the GPU
+        times.append(time.perf_counter() - start)
+    timed = times[1:] or times  # the first epoch warms up, as in run_captioner
+    return n * len(timed) / sum(timed)
+
+
 def reset_peak_rss():
     try:  # Linux: writing 5 to clear_refs resets VmHWM, the peak resident set size
         Path("/proc/self/clear_refs").write_text("5")
@@ -121,6 +159,7 @@ def main():
     p.add_argument("--no-reference", action="store_true")
     p.add_argument("--ref", default=None, help="ref_limits.py (default: $CAPTIONER_REF or ../shared/bench/)")
     p.add_argument("--compile", default="false", help="the module's compile setting: false, true or a mode")
+    p.add_argument("--bare", action="store_true", help="also time the same step in a plain loop (no Trainer)")
     a = p.parse_args()
     compile = {"false": False, "true": True}.get(a.compile.lower(), a.compile)
     n = COCO_N if a.scale == "coco" else 4_096
@@ -128,11 +167,14 @@ def main():
     with tempfile.TemporaryDirectory() as folder:
         cps = run_captioner(n, epochs, a.max_steps, folder, compile)
         peak = peak_rss_mb()
+        bare = run_bare(n, epochs, folder) if a.bare else None
     ref = None if a.no_reference else run_reference(reference_path(a.ref), "--scale", a.scale,
                                                     "--skip", "seed,beam,extract,decode")
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
               "torch": torch.__version__, "scale": a.scale, "captions": n, "compile": compile,
               "captions_per_s": round(cps, 1), "epoch_s": round(COCO_N / cps, 2), "peak_rss_mb": round(peak)}
+    if bare:
+        result.update(bare_captions_per_s=round(bare, 1), trainer_share=round(cps / bare, 3))
     if ref:
         result["reference_captions_per_s"] = ref["fast_captions_per_s"]
         result["ratio"] = round(cps / ref["fast_captions_per_s"], 3)
