@@ -56,13 +56,13 @@ def sample_captions(model, features, k: int, max_len: int):
     n = features.shape[0] * k
     words = torch.full((n,), START, dtype=torch.long, device=features.device)
     done = torch.zeros(n, dtype=torch.bool, device=features.device)
+    specials = _specials_bias(model.out.out_features, features.device)
     tokens = []
     for t in range(max_len):
         logits, state = model.step(words, state)
         # one categorical draw per row by inverting the cumulative distribution: one uniform number per row (a
         # Gumbel-max draw needs one per word, and torch.multinomial has a slow CPU path)
-        logits = logits.float() + _specials_bias(logits)
-        cdf = (logits - logits.max(-1, keepdim=True).values).exp_().cumsum_(-1)
+        cdf = F.softmax(logits + specials, -1, dtype=torch.float32).cumsum_(-1)
         u = torch.rand(n, 1, device=cdf.device) * cdf[:, -1:]
         words = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
         words = torch.where(done, PAD, words)
@@ -73,10 +73,10 @@ def sample_captions(model, features, k: int, max_len: int):
     return torch.stack(tokens, 1)
 
 
-def _specials_bias(logits):
+def _specials_bias(vocab_size: int, device):
     """Added to logits: -inf for <pad> and <start>, which are never sampled, 0 for every other word (an addition,
     so the backward pass copies nothing)."""
-    bias = torch.zeros(logits.shape[-1], dtype=logits.dtype, device=logits.device)
+    bias = torch.zeros(vocab_size, device=device)
     bias[PAD:START + 1] = float("-inf")  # PAD, START = 0, 1 (a fill: no index tensor to copy to the device)
     return bias
 
@@ -91,12 +91,11 @@ def caption_nll(model, features, tokens, k: int, real_only=None):
     inputs = torch.cat([torch.full_like(tokens[:, :1], START), tokens[:, :-1]], 1)
     hidden, _ = model(features, inputs, state)
     if not (hidden.device.type == "cpu" if real_only is None else real_only):
-        logits = model.out(hidden)
-        logits = (logits + _specials_bias(logits)).flatten(0, 1).float()
+        logits = (model.out(hidden) + _specials_bias(model.out.out_features, hidden.device)).flatten(0, 1)
         return F.cross_entropy(logits, tokens.flatten(), ignore_index=PAD, reduction="none").view_as(tokens)
     real = tokens != PAD
-    logits = model.out(hidden[real])
-    nll = F.cross_entropy((logits + _specials_bias(logits)).float(), tokens[real], reduction="none")
+    logits = model.out(hidden[real]) + _specials_bias(model.out.out_features, hidden.device)
+    nll = F.cross_entropy(logits, tokens[real], reduction="none")
     return torch.zeros(tokens.shape, dtype=nll.dtype, device=nll.device).index_put((real,), nll)
 
 
