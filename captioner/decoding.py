@@ -95,28 +95,37 @@ def beam_search(model: ShowAndTell, features, beam_size=3, max_len=20, length_pe
     return best_tokens, best_scores, best_scores.softmax(-1)
 
 
+def draw(logits, generator=None):
+    """One categorical draw per row of logits [N, V] -> word ids [N], by inverting the cumulative distribution: one
+    uniform number per row (torch.multinomial has a slow CPU path; a Gumbel-max draw needs one number per word)."""
+    cdf = logits.softmax(-1, dtype=torch.float32).cumsum_(-1)
+    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+
+
 @torch.no_grad()
-def sample(model: ShowAndTell, features, max_len=20, temperature=1.0, top_k=0, generator=None):
-    """Ancestral sampling (the seed's `probabilistic`): tokens [B, T] and their log-probabilities [B]."""
+def sample(model: ShowAndTell, features, max_len=20, temperature=1.0, top_k=0, generator=None, check_every=4):
+    """Ancestral sampling (the seed's `probabilistic`; SCST's samples): tokens [B, T], <pad> after <end>, T <=
+    max_len. All B captions advance together; whether all have ended is checked (a host sync) every `check_every`
+    words only."""
     B = features.shape[0]
     state = model.initial_state(features)
     words = torch.full((B,), START, device=features.device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=features.device)
-    total = torch.zeros(B, device=features.device)
     out = []
-    for _ in range(max_len):
-        logp, state = _step(model, words, state)
-        logits = logp / max(temperature, 1e-6)
+    for t in range(max_len):
+        logits, state = _step(model, words, state)
+        if temperature != 1.0:
+            logits = logits / max(temperature, 1e-6)
         if top_k:
             kth = logits.topk(top_k, -1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, NEG)
-        probs = logits.softmax(-1)
-        words = torch.multinomial(probs, 1, generator=generator).squeeze(1)
-        words = torch.where(done, torch.full_like(words, PAD), words)
-        total += torch.where(done, 0.0, logp.gather(1, words[:, None]).squeeze(1))
+        words = torch.where(done, PAD, draw(logits, generator))
         out.append(words)
         done |= words == END
-    return torch.stack(out, 1), total
+        if (t + 1) % check_every == 0 and bool(done.all()):
+            break
+    return torch.stack(out, 1)
 
 
 def decode_options(cfg) -> dict:
@@ -131,7 +140,7 @@ def captions(model: ShowAndTell, vocab, features, beam_size=3, max_len=20, n_bes
     list; with `temperature` set, one sampled caption per image instead of beam search."""
     if temperature is not None:
         g = torch.Generator(features.device).manual_seed(seed) if seed is not None else None
-        tokens, _ = sample(model, features, max_len, temperature, top_k, g)
+        tokens = sample(model, features, max_len, temperature, top_k, g)
         return [[(vocab.decode(t), 1.0)] for t in tokens.tolist()]
     tokens, _, probs = beam_search(model, features, beam_size, max_len, length_penalty, n_best)
     return [[(vocab.decode(t), p) for t, p in zip(ts, ps)] for ts, ps in zip(tokens.tolist(), probs.tolist())]

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from captioner.decoding import draw
 from captioner.model import ShowAndTell, WordEmbedding
 from captioner.utils import CaptionerError
 from captioner.vocab import PAD, Vocabulary
@@ -95,7 +96,7 @@ class CaptionModule(pl.LightningModule):
         words, logits = inputs[:, 0], []
         for t in range(inputs.shape[1]):
             if t > 0:
-                own = torch.multinomial(logits[-1].detach().float().softmax(-1), 1).squeeze(1)
+                own = draw(logits[-1].detach())
                 use_own = (torch.rand(own.shape, device=own.device) < p) & (inputs[:, t] != PAD)
                 words = torch.where(use_own, own, inputs[:, t])
             step_logits, state = self.model.step(words, state)

@@ -1,11 +1,12 @@
 """Self-critical sequence training (Rennie et al., 2017): the policy-gradient stage after cross-entropy.
 
-For each image, K captions are sampled without autograd (one batched draw per step for all B * K captions), each is
-rewarded with CIDEr-D against all the image's reference captions (document frequencies of the training references,
-computed once), and the loss is -(reward - baseline) * log p(caption), per token, with log p recomputed in one
-teacher-forced pass over all the samples (the step's only pass with autograd). The baseline is the mean reward
-of the image's other samples (`scst.baseline=mean`, "new self-critical") or the reward of its greedy caption
-(`scst.baseline=greedy`). Validation is the cross-entropy module's, plus val/CIDEr from the caption monitor.
+For each image, K captions are sampled without autograd (decoding.sample: one batched draw per word for all
+B * K captions), each is rewarded with CIDEr-D against all the image's reference captions (document frequencies
+of the training references, computed once), and the loss is -(reward - baseline) * log p(caption), per token,
+with log p recomputed in one teacher-forced pass over all the samples (the step's only pass with autograd). The
+baseline is the mean reward of the image's other samples (`scst.baseline=mean`, "new self-critical") or the reward
+of its greedy caption (`scst.baseline=greedy`). Validation is the cross-entropy module's, plus val/CIDEr from the
+caption monitor.
 """
 import logging
 
@@ -14,9 +15,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from captioner.cider import CiderD, reference_tensor
-from captioner.decoding import _repeat, beam_search
+from captioner.decoding import beam_search, sample
 from captioner.module import CaptionModule
-from captioner.vocab import END, PAD, START
+from captioner.vocab import PAD, START
 
 log = logging.getLogger(__name__)
 DEFAULTS = {"samples": 5, "baseline": "mean", "max_len": 16}
@@ -47,49 +48,23 @@ class ImageRows(Dataset):
         return self.__getitems__([i])
 
 
-@torch.no_grad()
-def sample_captions(model, features, k: int, max_len: int):
-    """k captions per image, image-major (rows i*k .. i*k+k-1): tokens [B*k, T], <pad> after <end>. All B*k
-    captions advance together, one RNN step per word, without autograd: `caption_nll` scores them afterwards in
-    one teacher-forced pass (with dropout, its masks are drawn anew there)."""
-    state = _repeat(model.initial_state(features), k)
-    n = features.shape[0] * k
-    words = torch.full((n,), START, dtype=torch.long, device=features.device)
-    done = torch.zeros(n, dtype=torch.bool, device=features.device)
-    specials = _specials_bias(model.out.out_features, features.device)
-    tokens = []
-    for t in range(max_len):
-        logits, state = model.step(words, state)
-        # one categorical draw per row by inverting the cumulative distribution: one uniform number per row (a
-        # Gumbel-max draw needs one per word, and torch.multinomial has a slow CPU path)
-        cdf = F.softmax(logits + specials, -1, dtype=torch.float32).cumsum_(-1)
-        u = torch.rand(n, 1, device=cdf.device) * cdf[:, -1:]
-        words = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
-        words = torch.where(done, PAD, words)
-        tokens.append(words)
-        done = done | (words == END)
-        if (t + 1) % 4 == 0 and bool(done.all()):  # a host sync every few steps only
-            break
-    return torch.stack(tokens, 1)
-
-
 def _specials_bias(vocab_size: int, device):
-    """Added to logits: -inf for <pad> and <start>, which are never sampled, 0 for every other word (an addition,
-    so the backward pass copies nothing)."""
+    """Added to logits: -inf for <pad> and <start>, which are never sampled (as decoding's masking, but an addition,
+    which autograd can go through and whose backward pass copies nothing)."""
     bias = torch.zeros(vocab_size, device=device)
     bias[PAD:START + 1] = float("-inf")  # PAD, START = 0, 1 (a fill: no index tensor to copy to the device)
     return bias
 
 
-def caption_nll(model, features, tokens, k: int, real_only=None):
-    """-log p of each token of the sampled captions [B*k, T] (0 at <pad>) under the distribution they were
-    sampled from, in one teacher-forced pass of the RNN over all B*k captions: the policy gradient's only
-    pass with autograd, and its output layer runs once over the whole batch instead of once per word.
-    `real_only` (default: on a CPU) runs the output layer on the real tokens only; otherwise every position is
-    scored with fixed shapes (boolean indexing would make a GPU wait) and the pads are ignored."""
-    state = _repeat(model.initial_state(features), k)
+def caption_nll(model, features, tokens, real_only=None):
+    """-log p of each token of sampled captions [N, T] (0 at <pad>) of the images `features` [N, dim], under the
+    distribution they were sampled from, in one teacher-forced pass of the RNN over all N captions: the policy
+    gradient's only pass with autograd, and its output layer runs once over the whole batch instead of once per
+    word. With dropout, its masks are drawn anew here. `real_only` (default: on a CPU) runs the output layer on the
+    real tokens only; otherwise every position is scored with fixed shapes (boolean indexing would make a GPU
+    wait) and the pads are ignored."""
     inputs = torch.cat([torch.full_like(tokens[:, :1], START), tokens[:, :-1]], 1)
-    hidden, _ = model(features, inputs, state)
+    hidden, _ = model(features, inputs)
     if not (hidden.device.type == "cpu" if real_only is None else real_only):
         logits = (model.out(hidden) + _specials_bias(model.out.out_features, hidden.device)).flatten(0, 1)
         return F.cross_entropy(logits, tokens.flatten(), ignore_index=PAD, reduction="none").view_as(tokens)
@@ -141,7 +116,8 @@ class SCSTModule(CaptionModule):
         features, _, _, rows = batch
         s = self.settings()
         k = int(s["samples"])
-        tokens = sample_captions(self.model, features, k, int(s["max_len"]))
+        repeated = features.repeat_interleave(k, 0)  # k captions per image, image-major (rows i*k .. i*k+k-1)
+        tokens = sample(self.model, repeated, int(s["max_len"]))  # without autograd
         rewards = self.rewards(tokens, rows, k)
         greedy = None
         if s["baseline"] == "greedy":
@@ -150,7 +126,7 @@ class SCSTModule(CaptionModule):
             self.model.train()
             greedy = self.rewards(greedy_tokens, rows, 1)
         baseline = baseline_of(rewards, k, s["baseline"], greedy)
-        loss = policy_loss(-caption_nll(self.model, features, tokens, k), tokens, rewards - baseline)
+        loss = policy_loss(-caption_nll(self.model, repeated, tokens), tokens, rewards - baseline)
         self.log("train/loss", loss)
         self.log("train/reward", rewards.mean().float())  # shown by monitor.LossProgressBar
         self.log("train/reward_baseline", baseline.mean().float())

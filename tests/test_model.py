@@ -86,8 +86,8 @@ def test_beam_search_returns_distinct_ranked_captions_with_normalised_probabilit
 def test_sampling_is_seedable():
     model = make_model().eval()
     f = torch.randn(3, 10)
-    a, _ = sample(model, f, 8, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
-    b, _ = sample(model, f, 8, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    a = sample(model, f, 8, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
+    b = sample(model, f, 8, temperature=1.0, top_k=3, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
 
 

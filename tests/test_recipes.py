@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioner.decoding import _repeat
+from captioner.decoding import sample
 from captioner.module import CaptionModule
 from captioner.run import train
-from captioner.scst import baseline_of, caption_nll, policy_loss, sample_captions
+from captioner.scst import baseline_of, caption_nll, policy_loss
 from captioner.utils import CaptionerError
 from captioner.vocab import END, PAD, START
 from test_train import scalars
@@ -111,9 +111,9 @@ def test_scst_gradient_has_the_sign_of_reward_minus_baseline():
 
 def test_scst_samples_follow_the_model_distribution():
     m = make_module().model
-    features = torch.randn(1, 10).repeat(4000, 1)
+    features = torch.randn(1, 10).repeat(8000, 1)
     torch.manual_seed(0)
-    tokens = sample_captions(m, features, k=2, max_len=1)
+    tokens = sample(m, features, max_len=1)
     assert not tokens.requires_grad
     logits, _ = m.step(torch.full((1,), START), m.initial_state(features[:1]))
     logits[:, [PAD, START]] = float("-inf")
@@ -122,7 +122,7 @@ def test_scst_samples_follow_the_model_distribution():
     assert (observed - expected).abs().max() < 0.02
     assert observed[PAD] == 0 and observed[START] == 0
     # the teacher-forced re-scoring gives the log-probabilities of the distribution the words were drawn from
-    assert torch.allclose(-caption_nll(m, features, tokens, 2)[:, 0], torch.log(expected)[tokens[:, 0]].detach(),
+    assert torch.allclose(-caption_nll(m, features, tokens)[:, 0], torch.log(expected)[tokens[:, 0]].detach(),
                           atol=1e-5)
 
 
@@ -131,11 +131,11 @@ def test_scst_rescoring_equals_the_word_by_word_log_probabilities():
     sampler saw them; 0 after the end; and its gradient reaches every parameter."""
     m = make_module().model
     torch.manual_seed(1)
-    features = torch.randn(3, 10)
-    tokens = sample_captions(m, features, k=4, max_len=6)
+    features = torch.randn(3, 10).repeat_interleave(4, 0)  # 4 captions per image
+    tokens = sample(m, features, max_len=6)
     tokens[0] = torch.tensor([5, 6, END, PAD, PAD, PAD])  # one caption that ends early
-    nll = caption_nll(m, features, tokens, 4)
-    state = _repeat(m.initial_state(features), 4)
+    nll = caption_nll(m, features, tokens)
+    state = m.initial_state(features)
     words, expected = torch.full((12,), START), []
     for t in range(tokens.shape[1]):
         logits, state = m.step(words, state)
@@ -145,7 +145,7 @@ def test_scst_rescoring_equals_the_word_by_word_log_probabilities():
     expected = torch.stack(expected, 1).masked_fill(tokens == PAD, 0.0)
     assert torch.allclose(nll, expected, atol=1e-5) and (nll[0, 3:] == 0).all() and (nll[0, :3] > 0).all()
     # the GPU's fixed-shape form (every position scored, pads ignored) gives the same numbers
-    assert torch.allclose(caption_nll(m, features, tokens, 4, real_only=False), nll, atol=1e-6)
+    assert torch.allclose(caption_nll(m, features, tokens, real_only=False), nll, atol=1e-6)
     nll.sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
 
