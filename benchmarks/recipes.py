@@ -51,22 +51,20 @@ def quality(a, user):
                 cider, s, _ = stage(work, name, [*XE, *user, f"caption_idx={idx}"], a.data_dir)
                 out.update({f"val_cider_{name}": round(cider, 4), f"seconds_{name}": s})
             return out
-        runs = {}
-        for name, extra in (("xe", []), ("xe_tuned", TUNED)):
-            runs[name] = [stage(work, f"{name}_seed{seed}", [*XE, *extra, *user, f"seed={seed}"], a.data_dir)
-                         for seed in range(a.seeds)]
-            out[f"val_cider_{name}"] = round(sum(r[0] for r in runs[name]) / a.seeds, 4)
-            out[f"seconds_{name}"] = round(sum(r[1] for r in runs[name]), 1)
+
+        def seeded(name, overrides):  # the mean over seeds 0..N-1, and each seed's value when N > 1
+            runs = [stage(work, f"{name}_seed{seed}", [*overrides, *user, f"seed={seed}"], a.data_dir)
+                    for seed in range(a.seeds)]
+            out[f"val_cider_{name}"] = round(sum(r[0] for r in runs) / a.seeds, 4)
+            out[f"seconds_{name}"] = round(sum(r[1] for r in runs), 1)
             if a.seeds > 1:
-                out[f"val_cider_{name}_per_seed"] = [round(r[0], 4) for r in runs[name]]
-        start, _, xe_ckpt = runs["xe"][0]  # SCST starts from the XE run of seed 0
+                out[f"val_cider_{name}_per_seed"] = [round(r[0], 4) for r in runs]
+            return runs
+
+        start, _, xe_ckpt = seeded("xe", XE)[0]  # SCST starts from the XE run of seed 0
+        seeded("xe_tuned", [*XE, *TUNED])
         out["val_cider_scst_start"] = round(start, 4)
-        scst = [stage(work, f"scst_seed{seed}", [*SCST, f"init_from={xe_ckpt}", *user, f"seed={seed}"], a.data_dir)
-                for seed in range(a.seeds)]
-        out.update(val_cider_scst=round(sum(r[0] for r in scst) / a.seeds, 4),
-                   seconds_scst=round(sum(r[1] for r in scst), 1))
-        if a.seeds > 1:
-            out["val_cider_scst_per_seed"] = [round(r[0], 4) for r in scst]
+        seeded("scst", [*SCST, f"init_from={xe_ckpt}"])
         cider, s, _ = stage(work, "blind", [*XE, "blind=true", *user], a.data_dir)
         out.update(val_cider_blind=round(cider, 4), seconds_blind=s)
         out["scst_gain_relative"] = round(out["val_cider_scst"] / out["val_cider_scst_start"] - 1, 4)

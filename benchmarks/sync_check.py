@@ -17,9 +17,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from captioner.data import CaptionDataModule
-from captioner.module import CaptionModule
-from captioner.vocab import SPECIALS, Vocabulary
-from train_throughput import BS, EMB, FEAT, HID, V, synthetic
+from train_throughput import BS, make_module, synthetic
 
 
 class SyncRecorder(Callback):
@@ -41,10 +39,8 @@ def main():
     assert torch.cuda.is_available(), "sync_check.py measures CUDA synchronisations: it needs a GPU"
     with tempfile.TemporaryDirectory() as folder:
         ds = synthetic(BS * a.steps, folder)
-        vocab = Vocabulary(SPECIALS + [f"w{i}" for i in range(V)])
         dm = CaptionDataModule(datasets={"train": ds, "val": ds}, batch_size=BS, shuffle=True)
-        module = CaptionModule(vocab.itos, FEAT, preprocess={}, embeddings={"name": "learned", "dim": EMB},
-                               hidden_size=HID, rnn_type="lstm", learning_rate=1e-4)
+        module = make_module()
         recorder = SyncRecorder()
         trainer = pl.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_epochs=1,
                              limit_val_batches=0, logger=False, enable_checkpointing=False,

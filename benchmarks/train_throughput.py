@@ -31,7 +31,7 @@ from pytorch_lightning.callbacks import Callback
 
 from captioner.data import CaptionBatches, CaptionDataModule
 from captioner.module import CaptionModule
-from captioner.vocab import SPECIALS, Vocabulary
+from captioner.vocab import SPECIALS
 from reference import reference_path, run_reference
 
 COCO_N, FEAT, EMB, HID, V, BS = 118_287, 2048, 300, 512, 10_000, 256
@@ -84,13 +84,16 @@ class EpochTimer(Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def run_captioner(n, epochs, max_steps, folder, compile=False):
-    ds = synthetic(n, folder)
-    vocab = Vocabulary(SPECIALS + [f"w{i}" for i in range(V)])
+def make_module(compile=False):
+    return CaptionModule(SPECIALS + [f"w{i}" for i in range(V)], FEAT, preprocess={},
+                         embeddings={"name": "learned", "dim": EMB}, hidden_size=HID, rnn_type="lstm",
+                         learning_rate=1e-4, compile=compile)
+
+
+def run_captioner(ds, epochs, max_steps, compile=False):
     dm = CaptionDataModule(datasets={"train": ds, "val": ds}, batch_size=BS, shuffle=True,
                            pad_to=8 if compile else 1)
-    module = CaptionModule(vocab.itos, FEAT, preprocess={}, embeddings={"name": "learned", "dim": EMB},
-                           hidden_size=HID, rnn_type="lstm", learning_rate=1e-4, compile=compile)
+    module = make_module(compile)
     cuda = torch.cuda.is_available()
     timer = EpochTimer()
     trainer = pl.Trainer(accelerator="auto", devices=1, precision="bf16-mixed" if cuda else "32-true",
@@ -103,22 +106,19 @@ def run_captioner(n, epochs, max_steps, folder, compile=False):
     total = time.perf_counter() - start
     # the first epoch warms up (allocator, cuDNN plans); the rest are timed
     timed = timer.times[1:] or timer.times
-    cps = n * len(timed) / sum(timed) if max_steps < 0 else max_steps * BS / total
+    cps = len(ds) * len(timed) / sum(timed) if max_steps < 0 else max_steps * BS / total
     return cps
 
 
-def run_bare(n, epochs, folder):
-    """The same loss, batches (assembled on the device on a GPU) and fused AMSGrad Adam, in a plain loop."""
+def run_bare(ds, epochs):
+    """The same loss, batches (assembled on the device on a GPU) and optimizer, in a plain loop."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    (Path(folder) / "bare").mkdir()
-    ds = synthetic(n, Path(folder) / "bare")
-    if cuda:
-        ds.to_device(device)  # as CaptionDataModule places resident features
+    if cuda and ds.device_ids is None:
+        ds.to_device(device)  # as CaptionDataModule places resident features (the Trainer run did it already)
     loader = CaptionDataModule(datasets={"train": ds}, batch_size=BS, shuffle=True)._loader("train", True)
-    module = CaptionModule(SPECIALS + [f"w{i}" for i in range(V)], FEAT, preprocess={},
-                           embeddings={"name": "learned", "dim": EMB}, hidden_size=HID, learning_rate=1e-4).to(device)
-    opt = torch.optim.Adam(module.parameters(), 1e-4, amsgrad=True, fused=cuda)
+    module = make_module().to(device)
+    opt = module.configure_optimizers()["optimizer"]  # the Trainer run's: AMSGrad Adam, fused on a GPU
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
@@ -131,7 +131,7 @@ def run_bare(n, epochs, folder):
         float(loss.detach())  # waits for the GPU
         times.append(time.perf_counter() - start)
     timed = times[1:] or times  # the first epoch warms up, as in run_captioner
-    return n * len(timed) / sum(timed)
+    return len(ds) * len(timed) / sum(timed)
 
 
 def reset_peak_rss():
@@ -165,9 +165,10 @@ def main():
     n = COCO_N if a.scale == "coco" else 4_096
     epochs = a.epochs or (4 if torch.cuda.is_available() else 2)
     with tempfile.TemporaryDirectory() as folder:
-        cps = run_captioner(n, epochs, a.max_steps, folder, compile)
+        ds = synthetic(n, folder)
+        cps = run_captioner(ds, epochs, a.max_steps, compile)
         peak = peak_rss_mb()
-        bare = run_bare(n, epochs, folder) if a.bare else None
+        bare = run_bare(ds, epochs) if a.bare else None
     ref = None if a.no_reference else run_reference(reference_path(a.ref), "--scale", a.scale,
                                                     "--skip", "seed,beam,extract,decode")
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
