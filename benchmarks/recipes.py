@@ -108,6 +108,7 @@ def step_timing(batch, device, repeats=20, precision="32", vocab=10000, feature_
     targets = torch.cat([inputs[:, 1:], torch.full((batch, 1), 2)], 1).to(device)  # <end> last
     inputs = inputs.to(device)
     rows = torch.arange(batch, device=device)
+    real = torch.arange(batch * length, device=device)  # every target is a word or <end>: no pads
     out = {}
     for name, cls in (("xe", CaptionModule), ("scst", SCSTModule)):
         torch.manual_seed(0)
@@ -119,8 +120,8 @@ def step_timing(batch, device, repeats=20, precision="32", vocab=10000, feature_
             module.cider = CiderD(references, vocab).to(device)
             module.references = references.to(device)
             module.log = lambda *a, **k: None  # no Trainer here
-        loss_of = lambda: (module.training_step((features, inputs, targets, rows), 0) if name == "scst"
-                           else module.loss((features, inputs, targets))[0])
+        batch_ = (features, inputs, targets, real, rows)  # as the trainer's batches (SCST's carry their rows)
+        loss_of = lambda: (module.training_step(batch_, 0) if name == "scst" else module.loss(batch_[:4])[0])
 
         def step():
             opt.zero_grad(set_to_none=True)

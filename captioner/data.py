@@ -1,8 +1,11 @@
-"""The data path: cached CNN features + cached token arrays -> padded (features, inputs, targets) batches.
+"""The data path: cached CNN features + cached token arrays -> padded (features, inputs, targets, real) batches.
 
 Batches are assembled with whole-array numpy indexing (`__getitems__`), so there is no per-sample Python
 work in the training loop. Each image is one sample per epoch; `caption_idx` picks which of its captions:
 a fixed index (modulo the image's caption count) when >= 0, or a random one per image per epoch when < 0.
+`real` holds the flat (row-major) positions of the real targets, the words and <end>, not the pads. It is computed
+on the host from the caption lengths, so the loss can score those positions only without asking the device how
+many there are (a boolean mask would make a GPU wait for its count at every step).
 """
 import numpy as np
 import pytorch_lightning as pl
@@ -17,8 +20,8 @@ class CaptionBatches(Dataset):
     """One item per image; `__getitems__` builds a whole padded batch at once.
 
     After `to_device` (a GPU run with resident features) the word ids live on the device too, and a batch is
-    assembled there: one small pinned copy of the batch's rows and caption offsets, then gathers. Its padded
-    length comes from the host-side offsets, so nothing waits for the device.
+    assembled there: one small pinned copy of the batch's rows, caption offsets and real positions, then gathers.
+    Its padded length comes from the host-side offsets, so nothing waits for the device.
     """
 
     def __init__(self, features, feat_rows, ids, offsets, cap_start, cap_count, caption_idx=0, seed=0,
@@ -53,33 +56,35 @@ class CaptionBatches(Dataset):
         caps = self.choice[idx]
         begin, lengths = self.offsets[caps], self.offsets[caps + 1] - self.offsets[caps]
         t = -(-(int(lengths.max()) + 1) // self.pad_to) * self.pad_to  # longest caption plus <end>, rounded up
+        pos = np.arange(t)
+        real = np.flatnonzero(pos <= lengths[:, None])  # the words and <end> of each row
         if self.device_ids is not None and isinstance(self.features, torch.Tensor):
-            return self._assemble_on_device(rows, begin, lengths, t)
+            return self._assemble_on_device(rows, begin, lengths, real, t)
         if isinstance(self.features, torch.Tensor):
             feats = self.features[torch.from_numpy(rows).to(self.features.device, non_blocking=True)].float()
         else:
             feats = torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))
-        pos = np.arange(t)
         words = self.ids[np.minimum(begin[:, None] + pos, len(self.ids) - 1)]
         targets = np.where(pos < lengths[:, None], words, PAD)
         targets[np.arange(len(idx)), lengths] = END
         inputs = np.concatenate([np.full((len(idx), 1), START), targets[:, :-1]], axis=1)
         inputs[inputs == END] = PAD  # <end> is never an input
-        return feats, torch.from_numpy(inputs), torch.from_numpy(targets)
+        return feats, torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(real)
 
-    def _assemble_on_device(self, rows, begin, lengths, t):
+    def _assemble_on_device(self, rows, begin, lengths, real, t):
         """The same batch as the host path, built with gathers on the device from one pinned, async copy."""
         device, n = self.features.device, len(rows)
-        packed = torch.from_numpy(np.concatenate([rows, begin, lengths]).astype(np.int64))
+        packed = torch.from_numpy(np.concatenate([rows, begin, lengths, real]).astype(np.int64))
         if device.type == "cuda":
             packed = packed.pin_memory()  # a pinned source: the copy is queued, the host does not wait
-        rows, begin, lengths = packed.to(device, non_blocking=True).view(3, n, 1).unbind(0)
+        packed = packed.to(device, non_blocking=True)
+        (rows, begin, lengths), real = packed[:3 * n].view(3, n, 1).unbind(0), packed[3 * n:]
         pos = torch.arange(t, device=device)
         words = self.device_ids[(begin + pos).clamp_(max=len(self.device_ids) - 1)]
         targets = words.masked_fill_(pos >= lengths, PAD).masked_fill_(pos == lengths, END)
         inputs = torch.cat([torch.full_like(targets[:, :1], START), targets[:, :-1]], 1)
         inputs.masked_fill_(inputs == END, PAD)  # <end> is never an input
-        return self.features[rows.view(-1)].float(), inputs, targets
+        return self.features[rows.view(-1)].float(), inputs, targets, real
 
     def __getitem__(self, i):
         return self.__getitems__([i])

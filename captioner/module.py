@@ -1,4 +1,4 @@
-"""The LightningModule: Show and Tell + cross-entropy over real tokens, perplexity logging, optimizer from config."""
+"""The LightningModule: Show and Tell + cross-entropy over the real tokens, perplexity logging, optimizer from config."""
 import hydra
 import pytorch_lightning as pl
 import torch
@@ -34,23 +34,32 @@ class CaptionModule(pl.LightningModule):
             self.compiled_loss = torch.compile(self.loss, mode=mode)
 
     def loss(self, batch):
-        """Mean cross-entropy per real token (and the number of real tokens)."""
-        features, inputs, targets = batch
+        """Mean cross-entropy per real token (and the number of real tokens).
+
+        The output layer is the step's main cost. With the batch's `real` positions (CaptionBatches computes them on
+        the host) it runs on the real tokens only, and nothing waits for the device. Without them, as in a compiled
+        loss, which needs fixed shapes, every position is scored and the pads are ignored."""
+        features, inputs, targets = batch[:3]
         hidden, _ = self.model(features, inputs)
-        if hidden.is_cuda or self.compiled_loss is not None:
-            # fixed shapes: score every position and ignore the pads (boolean indexing would wait for the GPU
-            # and gives a compiled graph a data-dependent size)
+        if len(batch) > 3:
+            real = batch[3]
+            logits = self.model.out(hidden.flatten(0, 1).index_select(0, real))
+            targets = targets.flatten().index_select(0, real)
+            n_tokens = real.numel()
+        else:
             logits, targets = self.model.out(hidden).flatten(0, 1), targets.flatten()
-        else:  # on a CPU the output layer is the cost: run it on the real (non-pad) positions only
-            mask = targets != PAD
-            logits, targets = self.model.out(hidden[mask]), targets[mask]
+            n_tokens = (targets != PAD).sum()
         smoothing = self.hparams.label_smoothing if self.training else 0.0  # val/loss stays the plain cross-entropy
-        return (F.cross_entropy(logits.float(), targets, ignore_index=PAD, label_smoothing=smoothing),
-                (targets != PAD).sum())
+        return (F.cross_entropy(logits.float(), targets, ignore_index=PAD, label_smoothing=smoothing), n_tokens)
 
     def training_step(self, batch, batch_idx):
         p = self.sampling_probability()
-        loss = self.scheduled_sampling_loss(batch, p) if p > 0 else (self.compiled_loss or self.loss)(batch)[0]
+        if p > 0:
+            loss = self.scheduled_sampling_loss(batch, p)
+        elif self.compiled_loss is not None:  # fixed shapes: not the real positions, whose count varies
+            loss = self.compiled_loss(batch[:3])[0]
+        else:
+            loss = self.loss(batch)[0]
         # on intervals only: a logged value is read back (a device sync) when loggers or the progress bar use it
         step, trainer = self.global_step + 1, self.trainer  # the logger writes when step % log_every_n_steps == 0
         if step % trainer.log_every_n_steps == 0 or step == 1 or trainer.is_last_batch or step == trainer.max_steps:
@@ -91,7 +100,7 @@ class CaptionModule(pl.LightningModule):
         """Cross-entropy where each step's input is, with probability p, the model's own previous prediction
         (sampled from its distribution) instead of the reference word (Bengio et al., 2015). One RNN step at a time,
         the whole batch together; positions after the caption's end keep <pad>."""
-        features, inputs, targets = batch
+        features, inputs, targets = batch[:3]
         state = self.model.initial_state(features)
         words, logits = inputs[:, 0], []
         for t in range(inputs.shape[1]):
@@ -101,9 +110,9 @@ class CaptionModule(pl.LightningModule):
                 words = torch.where(use_own, own, inputs[:, t])
             step_logits, state = self.model.step(words, state)
             logits.append(step_logits)
-        mask = targets != PAD
-        return F.cross_entropy(torch.stack(logits, 1)[mask].float(), targets[mask],
-                               label_smoothing=self.hparams.label_smoothing)
+        real = batch[3] if len(batch) > 3 else (targets.flatten() != PAD).nonzero().view(-1)
+        return F.cross_entropy(torch.stack(logits, 1).flatten(0, 1).index_select(0, real).float(),
+                               targets.flatten().index_select(0, real), label_smoothing=self.hparams.label_smoothing)
 
     def on_train_epoch_start(self):
         if (self.hparams.scheduled_sampling or {}).get("max_prob"):

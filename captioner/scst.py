@@ -113,7 +113,7 @@ class SCSTModule(CaptionModule):
         return self.cider(tokens, self.references[rows.to(self.references.device)].to(tokens.device), image_of)
 
     def training_step(self, batch, batch_idx):
-        features, _, _, rows = batch
+        features, rows = batch[0], batch[-1]
         s = self.settings()
         k = int(s["samples"])
         repeated = features.repeat_interleave(k, 0)  # k captions per image, image-major (rows i*k .. i*k+k-1)

@@ -43,7 +43,7 @@ def test_fixed_caption_idx_picks_that_caption_every_epoch():
     ds = batches(caption_idx=1)
     for epoch in range(3):
         ds.set_epoch(epoch)
-        _, _, targets = ds.__getitems__([0, 1, 2, 3])
+        targets = ds.__getitems__([0, 1, 2, 3])[2]
         assert targets[:, 0].tolist() == [1, 10, 21, 31]  # image 1 has one caption: index wraps around
 
 
@@ -64,10 +64,11 @@ def test_batches_are_padded_to_the_longest_caption_with_start_and_end():
     words = np.array([5, 6, 7, 8, 9])
     ds = CaptionBatches(np.zeros((2, 3), np.float16), np.arange(2), words, np.array([0, 3, 5]),
                         np.array([0, 1]), np.array([1, 1]))
-    feats, inputs, targets = ds.__getitems__([0, 1])
+    feats, inputs, targets, real = ds.__getitems__([0, 1])
     assert feats.dtype == torch.float32 and feats.shape == (2, 3)
     assert targets.tolist() == [[5, 6, 7, END], [8, 9, END, PAD]]
     assert inputs.tolist() == [[START, 5, 6, 7], [START, 8, 9, PAD]]
+    assert real.tolist() == [0, 1, 2, 3, 4, 5, 6], "flat positions of the words and <end>, not of the pad"
 
 
 def test_vocabulary_keeps_most_frequent_training_words(tmp_path):

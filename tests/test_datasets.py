@@ -214,7 +214,7 @@ def test_karpathy_config_trains_on_train_plus_restval(tmp_path):
     dm = CaptionDataModule(prepared.datasets(vocab), batch_size=2)
     assert len(dm.datasets["train"]) == 3 and len(dm.datasets["val"]) == 2
     assert {"photo", "légende", "restval"} <= set(vocab.itos)
-    feats, _, targets = next(iter(dm.train_dataloader()))
+    feats, _, targets, _ = next(iter(dm.train_dataloader()))
     assert feats.shape == (2, 1280) and targets.shape[0] == 2
 
 

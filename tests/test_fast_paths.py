@@ -37,7 +37,8 @@ def test_batches_built_on_the_device_equal_the_host_ones(pad_to):
     for rows in ([5, 0, 63, 17], list(range(64)), [9]):
         for a, b in zip(host.__getitems__(rows), device.__getitems__(rows)):
             assert a.dtype == b.dtype and torch.equal(a, b)
-        _, inputs, targets = host.__getitems__(rows)
+        _, inputs, targets, real = host.__getitems__(rows)
+        assert torch.equal(real, (targets.flatten() != PAD).nonzero().view(-1)), "real: the non-pad targets"
         assert targets.shape[1] % pad_to == 0 and (targets == END).sum() == len(rows)
         assert (inputs[:, 0] == START).all() and not (inputs == END).any()
 
@@ -53,7 +54,7 @@ class PlainLoss(CaptionModule):
     """The loss as it was: boolean indexing of the real tokens, logged every step."""
 
     def loss(self, batch):
-        features, inputs, targets = batch
+        features, inputs, targets = batch[:3]
         hidden, _ = self.model(features, inputs)
         mask = targets != PAD
         return F.cross_entropy(self.model.out(hidden[mask]).float(), targets[mask]), mask.sum()

@@ -101,7 +101,10 @@ def test_loss_on_real_tokens_equals_padded_cross_entropy():
     targets = torch.tensor([[5, 6, 7, END], [8, END, PAD, PAD], [9, 9, END, PAD]])
     inputs = torch.cat([torch.full((3, 1), START), targets[:, :-1]], 1)
     inputs[inputs == END] = PAD
-    loss, n = m.loss((feats, inputs, targets))
+    real = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9, 10])  # the flat positions of the real targets
+    loss, n = m.loss((feats, inputs, targets, real))
     hidden, _ = m.model(feats, inputs)
     full = torch.nn.functional.cross_entropy(m.model.out(hidden).transpose(1, 2), targets, ignore_index=PAD)
-    assert int(n) == 9 and torch.allclose(loss, full)
+    assert n == 9 and torch.allclose(loss, full)
+    fixed, n = m.loss((feats, inputs, targets))  # no positions given (a compiled loss): every one, pads ignored
+    assert int(n) == 9 and torch.allclose(fixed, full)
