@@ -106,14 +106,16 @@ class CiderD:
 
 
 def reference_tensor(dataset, max_refs: int = None):
-    """A CaptionBatches' references as a dense [images, R, L] int32 tensor (R: the most captions of an image)."""
+    """A CaptionBatches' references as a dense [images, R, L] int32 tensor (R: the most captions of an image).
+    Each caption ends with <end>, so one with no words (say, only punctuation) still counts as a reference, as in
+    pycocoevalcap; rows of only <pad> are the slots of images with fewer captions."""
     import numpy as np
 
     start, count = np.asarray(dataset.cap_start), np.asarray(dataset.cap_count)
     R = int(count.max()) if max_refs is None else max_refs
     offsets = np.asarray(dataset.offsets)
     lengths = offsets[1:] - offsets[:-1]
-    L = int(lengths.max())
+    L = int(lengths.max()) + 1  # room for <end>
     out = np.zeros((len(start), R, L), dtype=np.int32)
     ids = np.asarray(dataset.ids)
     for r in range(R):  # a loop over reference slots only; images and words are whole-array
@@ -122,5 +124,5 @@ def reference_tensor(dataset, max_refs: int = None):
         begin, n = offsets[caps], lengths[caps]
         pos = np.arange(L)
         words = ids[np.minimum(begin[:, None] + pos, len(ids) - 1)]
-        out[np.nonzero(has)[0], r] = np.where(pos < n[:, None], words, PAD)
+        out[np.nonzero(has)[0], r] = np.where(pos < n[:, None], words, np.where(pos == n[:, None], END, PAD))
     return torch.from_numpy(out)

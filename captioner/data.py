@@ -138,6 +138,8 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def train_dataloader(self):
         self._place_features()
+        if self.trainer:  # a resumed run's first workers start before ResampleCaptions sets the epoch's draw
+            self.datasets["train"].set_epoch(self.trainer.current_epoch)
         return self._loader("train", self.shuffle)
 
     def val_dataloader(self):

@@ -9,13 +9,50 @@ import logging
 
 import numpy as np
 from PIL import Image
-from pytorch_lightning.callbacks import Callback, TQDMProgressBar
+from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from captioner.decoding import captions
 
 log = logging.getLogger(__name__)
 LOGGED = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+
+
+def evaluation_due(trainer, every: int) -> bool:
+    """Whether this validation also evaluates captions: every `every` epochs, and on the last epoch."""
+    if every <= 0 or trainer.sanity_checking:
+        return False
+    # with `iterations`, max_epochs is -1: there is no last epoch to single out
+    last = (trainer.max_epochs or 0) > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
+    return (trainer.current_epoch + 1) % every == 0 or last
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint for best.ckpt. Its own schedule (`every_n_epochs`, set to eval_every for an evaluation
+    metric) misses the extra evaluation of the last epoch, so that one is compared here too (before the parent's
+    hook, which then sees this step saved and does nothing)."""
+
+    @property
+    def state_key(self) -> str:  # ModelCheckpoint's, so runs saved before this class resume with their best score
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if self._should_save_on_train_epoch_end(trainer):  # validation ran at the end of the epoch: save now
+            self._compare_last_evaluation(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module):
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._compare_last_evaluation(trainer)
+        super().on_validation_end(trainer, pl_module)
+
+    def _compare_last_evaluation(self, trainer):
+        every = self._every_n_epochs
+        if (every > 1 and (trainer.current_epoch + 1) % every and evaluation_due(trainer, every)
+                and not self._should_skip_saving_checkpoint(trainer)):
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
 
 
 class CaptionMonitor(Callback):
@@ -25,11 +62,7 @@ class CaptionMonitor(Callback):
         self.batch_size = batch_size
 
     def _due(self, trainer) -> bool:
-        if self.every <= 0 or trainer.sanity_checking:
-            return False
-        # with `iterations`, max_epochs is -1: there is no last epoch to single out
-        last = (trainer.max_epochs or 0) > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
-        return (trainer.current_epoch + 1) % self.every == 0 or last
+        return evaluation_due(trainer, self.every)
 
     def captions(self, pl_module, dm):
         """Beam-search captions of the first `max_images` validation images, as COCO results."""

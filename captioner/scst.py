@@ -33,7 +33,9 @@ class ImageRows(Dataset):
         return len(self.base)
 
     def __getattr__(self, name):  # set_epoch, features, to_device, ... are the wrapped dataset's
-        return getattr(self.__dict__["base"], name)
+        if name == "base":  # not set yet (unpickling in a DataLoader worker): an AttributeError, as pickle expects
+            raise AttributeError(name)
+        return getattr(self.base, name)
 
     def __setattr__(self, name, value):  # and so are its settings (the data module sets pad_to)
         if name == "base":

@@ -77,3 +77,29 @@ def test_too_large_vocabulary_is_named():
     from captioner.utils import CaptionerError
     with pytest.raises(CaptionerError, match="vocab_size=60000 is too large"):
         CiderD(torch.ones(1, 1, 3, dtype=torch.long), vocab_size=60000)
+
+
+def test_references_of_a_dataset_count_a_caption_without_words_as_pycocoevalcap_does():
+    """reference_tensor ends every reference with <end>: a caption that tokenizes to no words ("!!!") is still one
+    of the image's references (it divides the mean), not an empty slot."""
+    import numpy as np
+
+    from captioner.cider import reference_tensor
+    from captioner.data import CaptionBatches
+
+    refs, hyps = random_set(3, n_images=12)
+    refs[0].append("")  # say "!!!", after punctuation is dropped
+    refs[5].insert(0, "")
+    word_id = {w: i + 4 for i, w in enumerate(WORDS)}
+    caps = [c for i in range(len(refs)) for c in refs[i]]
+    counts = np.array([len(refs[i]) for i in range(len(refs))])
+    lengths = np.array([len(c.split()) for c in caps])
+    ds = CaptionBatches(np.zeros((len(refs), 2), np.float16), np.arange(len(refs)),
+                        np.array([word_id[w] for c in caps for w in c.split()]),
+                        np.concatenate([[0], np.cumsum(lengths)]), np.concatenate([[0], np.cumsum(counts)[:-1]]),
+                        counts)
+    ref_t = reference_tensor(ds)
+    _, expected = Cider().compute_score(refs, {i: [h] for i, h in hyps.items()})
+    cider = CiderD(ref_t, vocab_size=len(WORDS) + 4)
+    got = cider(encode([hyps[i] for i in range(len(hyps))], word_id, 14), ref_t, torch.arange(len(hyps)))
+    assert torch.allclose(got, torch.tensor(expected, dtype=torch.float64), atol=1e-6, rtol=0)

@@ -131,3 +131,33 @@ def test_compile_setting_is_checked_and_the_progress_bar_refreshes_less_on_a_gpu
     assert progress_rate(cfg_factory("trainer=gpu")) == 50
     assert progress_rate(cfg_factory("trainer=cpu")) == 1
     assert cfg_factory().compile is False and cfg_factory("compile=reduce-overhead").compile == "reduce-overhead"
+
+
+def test_a_resumed_run_draws_the_captions_of_its_epoch_also_with_workers(tmp_path):
+    """caption_idx < 0 draws a caption per image per epoch. A resumed run's first DataLoader workers start before
+    ResampleCaptions sets the epoch's draw, so the data module sets it when it makes the loader."""
+    from captioner.data import ResampleCaptions
+
+    class Recording(CaptionModule):
+        def training_step(self, batch, batch_idx):
+            self.seen.setdefault(self.current_epoch, []).append(batch[2])
+            return super().training_step(batch, batch_idx)
+
+    def run(epochs, ckpt=None):
+        m = module(cls=Recording)
+        m.seen = {}
+        dm = CaptionDataModule(datasets={"train": dataset(), "val": dataset()}, batch_size=16, shuffle=False,
+                               num_workers=1)
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, callbacks=[ResampleCaptions()], logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             limit_val_batches=0, default_root_dir=tmp_path)
+        trainer.fit(m, datamodule=dm, ckpt_path=ckpt)
+        return m.seen, trainer
+
+    full, _ = run(2)
+    _, first = run(1)
+    first.save_checkpoint(tmp_path / "epoch0.ckpt")
+    resumed, _ = run(2, tmp_path / "epoch0.ckpt")
+    same = lambda a, b: len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not same(full[0], full[1]), "each epoch draws anew"
+    assert list(resumed) == [1] and same(resumed[1], full[1])

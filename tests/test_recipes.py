@@ -109,6 +109,21 @@ def test_scst_gradient_has_the_sign_of_reward_minus_baseline():
     assert greedy.tolist() == [1.5, 1.5, 0.0, 0.0]
 
 
+def test_scst_dataset_pickles_for_dataloader_workers():
+    """Workers started by spawn or forkserver get the dataset pickled; ImageRows must survive that."""
+    import pickle
+
+    from test_fast_paths import dataset
+
+    from captioner.scst import ImageRows
+
+    rows = ImageRows(dataset())
+    copy = pickle.loads(pickle.dumps(rows))
+    for a, b in zip(rows.__getitems__([3, 1, 7]), copy.__getitems__([3, 1, 7])):
+        assert torch.equal(a, b)
+    assert copy.__getitems__([3, 1, 7])[-1].tolist() == [3, 1, 7]
+
+
 def test_scst_samples_follow_the_model_distribution():
     m = make_module().model
     features = torch.randn(1, 10).repeat(8000, 1)

@@ -88,3 +88,33 @@ def test_multirun_makes_one_run_dir_per_job(tmp_path, data_dir):
         assert (job / "checkpoints" / "last.ckpt").is_file()
         assert (job / ".hydra" / "overrides.yaml").is_file()
         assert scalars(job, "val/ppl")
+
+
+def test_best_checkpoint_compares_the_last_epochs_extra_evaluation(tmp_path):
+    """An evaluation metric (val/CIDEr) is logged every eval_every epochs and on the last epoch; best.ckpt must
+    compare that last one too (ModelCheckpoint's own every_n_epochs schedule skips it)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+    from test_fast_paths import dataset, module
+
+    from captioner.data import CaptionDataModule
+    from captioner.monitor import BestCheckpoint, evaluation_due
+
+    class RisingMetric(Callback):  # as CaptionMonitor logs val/CIDEr, a value that improves at each evaluation
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if evaluation_due(trainer, 2):
+                pl_module.log("val/CIDEr", float(trainer.current_epoch))
+
+    for epochs, best_epoch in ((3, 2), (4, 3)):  # eval_every=2: evaluations at epochs 2, 3 (last) / 2, 4
+        best = BestCheckpoint(dirpath=tmp_path / str(epochs), filename="best", monitor="val/CIDEr", mode="max",
+                              every_n_epochs=2, save_last=True)
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, num_sanity_val_steps=0, callbacks=[RisingMetric(), best])
+        trainer.fit(module(), datamodule=CaptionDataModule({"train": dataset(), "val": dataset()}, batch_size=32))
+        assert float(best.best_model_score) == best_epoch
+        assert torch.load(best.best_model_path, weights_only=True)["epoch"] == best_epoch
+        assert (tmp_path / str(epochs) / "last.ckpt").exists()
+    # its state keeps ModelCheckpoint's key: checkpoints written before resume with their best score
+    old = torch.load(Path(__file__).parent / "data" / "checkpoint-9a369cd.ckpt", weights_only=False)
+    key = BestCheckpoint(monitor="val/loss", mode="min", every_n_epochs=1).state_key
+    assert key in old["callbacks"]
