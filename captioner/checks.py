@@ -18,8 +18,15 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
 
 
+def _get(cfg, key):
+    """cfg[key], where `key` may be dotted (data.image_size)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.select(cfg, key) if "." in key else cfg[key]
+
+
 def integer(cfg, key, low=None, high=None, nullable=False):
-    value = cfg[key]
+    value = _get(cfg, key)
     if value is None and nullable:
         return
     ok = _is_int(value) and (low is None or value >= low) and (high is None or value <= high)
@@ -167,6 +174,28 @@ def check_run(cfg):
         text(cfg, "ckpt_path", nullable=True)
     for key in ("data_dir", "cache_dir", "run_dir"):  # a read-only cache is one sentence, not a PermissionError
         writable_dir(cfg.paths[key], f"paths.{key}")
+    check_data(cfg)
+    accelerator = str(_get(cfg, "trainer.accelerator") or "auto")
+    if accelerator in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CaptionerError(f"trainer.accelerator={accelerator}: this machine has no CUDA GPU that torch can "
+                                 f"use; use trainer=default (it picks the device) or trainer=cpu.")
+
+
+def check_data(cfg):
+    """The data and encoder groups' numbers, which extraction and loading would otherwise reject deep inside
+    (a generated dataset would even be rebuilt, empty, before that)."""
+    integer(cfg, "data.image_size", 1, nullable=True)
+    for key in ("encoder.image_size", "encoder.batch_size"):
+        integer(cfg, key, 1)
+    for key in ("data.num_workers", "encoder.num_workers"):
+        integer(cfg, key, 0)
+    for split in _get(cfg, "data.generate") or {}:
+        integer(cfg, f"data.generate.{split}", 1)
+    if _get(cfg, "data.resident") not in ("auto", True, False):
+        raise CaptionerError(f"data.resident={_get(cfg, 'data.resident')} is not one of auto, true, false.")
 
 
 def check_recipes(cfg):
@@ -193,3 +222,4 @@ def check_recipes(cfg):
                              f"its checkpoints.")
     if cfg.init_from is not None:
         text(cfg, "init_from")
+        existing_file(cfg, "init_from", "a .ckpt file written by captioner.run")

@@ -16,6 +16,22 @@ def compose_config(name: str, overrides):
         return compose(config_name=name, overrides=list(overrides))
 
 
+def one_line(error) -> str:
+    """An error as one sentence. Hydra's messages run to several lines: keep the first, plus the part a user needs
+    (the available options of a config group)."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    first = lines[0]
+    if first.startswith("Could not override") and "is not in struct" in f"{error} {error.__cause__}":
+        return f"{first.rstrip('.')}: there is no such key; check its spelling."
+    options = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
+    if options is not None:
+        end = next((i for i, line in enumerate(lines) if line.startswith("Config search path")), len(lines))
+        return f"{first}; expected one of: {', '.join(lines[options + 1:end])}."
+    return first
+
+
 def one_line_errors(fn):
     """Report user errors (bad paths, bad overrides) as one sentence and exit 1, never a stack trace."""
     @functools.wraps(fn)
@@ -24,6 +40,5 @@ def one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (CaptionerError, HydraException, OmegaConfBaseException) as e:
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            sys.exit(f"error: {message}")
+            sys.exit(f"error: {one_line(e)}")
     return wrapper

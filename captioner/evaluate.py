@@ -138,7 +138,7 @@ def evaluate_checkpoint(cfg):
     else:
         results, metrics = evaluate_split(captioner, split, cfg.max_images, cfg.batch_size, cfg.spice, **decode)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(captioner.ckpt_path)
-    stem = f"{split.name}-{captioner.ckpt_path.stem}"
+    stem = f"{cfg.data.name}-{split.name}-{captioner.ckpt_path.stem}"  # one file per dataset, split, checkpoint
     results_file = out_dir / f"{stem}-results.json"
     atomic_write_text(results_file, json.dumps(results, indent=0))
     report = {"checkpoint": str(captioner.ckpt_path), "split": split.name, "annotations": str(split.annotation_file),

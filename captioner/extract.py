@@ -7,6 +7,7 @@ does the same on first use; this does it beforehand, e.g. on a GPU machine for t
 import json
 import sys
 
+from captioner.checks import check_data
 from captioner.cli import compose_config, one_line_errors
 from captioner.features import extract_split
 from captioner.prepare import read_splits
@@ -17,6 +18,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     # the training config's paths.run_dir needs Hydra's runtime; nothing is written there, so any value does
     cfg = compose_config("config", ["paths.run_dir=.", *argv])
+    check_data(cfg)
     data, encoder = cfg.data, cfg.encoder
     for role, split in read_splits(data).items():
         folder = extract_split(split, encoder, cfg.paths.cache_dir, data.get("image_size"), encoder.batch_size,

@@ -1,20 +1,25 @@
 """Training entry point: `python -m captioner.run [key=value ...]` (Hydra; add -m for a multirun sweep)."""
 import json
 import logging
+import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import CompactHydraException, HydraException, InstantiationException
 from hydra.types import RunMode
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
 
 from captioner import checks
 from captioner.checkpoint import check_same_architecture, init_weights, load_checkpoint
+from captioner.cli import compose_config, one_line
 from captioner.data import CaptionDataModule
 from captioner.embeddings import load_vectors
 from captioner.model import RNNS
@@ -132,19 +137,53 @@ def train(cfg: DictConfig) -> float:
     return final.get(cfg.get("optimized_metric") or "val/ppl", float("nan"))
 
 
+def check_overrides(argv) -> None:
+    """Hydra reports a misspelt key or group option in several lines, and a run folder it cannot create as a
+    traceback: compose the same overrides first and name the problem in one sentence."""
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return  # --cfg, --info, -cn, ...: Hydra's own modes
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    try:
+        parser, plain = OverridesParser.create(), []
+        for arg in argv:
+            if arg.startswith("-"):
+                continue
+            try:
+                o = parser.parse_override(arg)
+            except HydraException as e:
+                raise CaptionerError(f"cannot read the argument {arg} ({one_line(e)}); expected key=value.") from None
+            key = o.key_or_group
+            if key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in o.input_line:
+                checks.writable_dir(o.value(), key)
+            elif o.is_sweep_override() and not multirun:
+                raise CaptionerError(f"{o.input_line} gives several values: add -m (--multirun) for one run per "
+                                     f"value, or quote the value.")
+            elif not key.startswith("hydra") and not o.is_sweep_override():  # sweeps: each job checks its own
+                plain.append(o.input_line)
+        compose_config("config", ["paths.run_dir=.", *plain])
+    except (CaptionerError, HydraException, OmegaConfBaseException) as e:
+        sys.exit(f"error: {one_line(e)}")
+
+
 @hydra.main(version_base="1.3", config_path="pkg://captioner.conf", config_name="config")
 def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
-    except (CaptionerError, PermissionError) as e:
+    except (CaptionerError, PermissionError, InstantiationException) as e:
         if isinstance(e, PermissionError):  # e.g. a cache folder made read-only after the checks
             e = CaptionerError(f"cannot write {e.filename}: permission denied; make it writable or set "
                                f"paths.data_dir to a writable folder.")
+        elif isinstance(e, InstantiationException):  # a trainer/logger/callback setting its class rejects
+            key = re.search(r"full_key: (\S+)", str(e))
+            e = CaptionerError(f"{key.group(1) if key else 'config'}: {one_line(e.__cause__ or e)}")
         log.error("%s", e)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise e from None  # this job fails and shows as failed in the results table; the others go on
+            # this job fails and shows as failed in the results table; the others go on. Hydra prints a
+            # CompactHydraException as its message alone (any other error with a traceback) when the sweep ends
+            raise CompactHydraException(str(e)) from None
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
     main()

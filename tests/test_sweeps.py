@@ -72,6 +72,7 @@ def test_multirun_table_shows_a_crashed_job_as_failed(tmp_path, data_dir):
     assert "rnn_type=transformer is not one of" in rows[1]["error"]
     assert float(rows[0]["val/ppl"]) > 1 and rows[2]["checkpoint"].endswith("last.ckpt")
     assert "| failed |" in (tmp_path / "results.md").read_text()
+    assert "rnn_type=transformer is not one of" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 @pytest.mark.slow
