@@ -53,6 +53,16 @@ def test_other_rnn_types_train_with_two_layers(cfg_factory, rnn_type):
     assert train(cfg) > 1.0
 
 
+def test_a_run_shorter_than_an_epoch_still_validates(cfg_factory):
+    """iterations=2 on the smoke set (3 steps per epoch) stops inside the first epoch: it must still report
+    val/ppl and keep best.ckpt."""
+    cfg = cfg_factory("iterations=2", run="short")
+    assert train(cfg) > 1
+    run_dir = Path(cfg.paths.run_dir)
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    assert len(scalars(run_dir, "val/ppl")) == 1  # once, at the last step
+
+
 @pytest.mark.parametrize("override, message", [
     ("rnn_type=transformer", "rnn_type=transformer is not one of lstm, gru, rnn"),
     ("optimizer=lion", "optimizer=lion is not one of"),
