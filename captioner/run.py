@@ -182,7 +182,11 @@ def main(cfg: DictConfig) -> float:
         elif isinstance(e, InstantiationException):  # a trainer/logger/callback setting its class rejects
             key = re.search(r"full_key: (\S+)", str(e))
             e = CaptionerError(f"{key.group(1) if key else 'config'}: {one_line(e.__cause__ or e)}")
-        log.error("%s", e)
+        # into the run's log file only: the terminal shows it once, as the exit line (or Hydra's, for a sweep)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (e,), None)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):
+                handler.handle(record)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # this job fails and shows as failed in the results table; the others go on. Hydra prints a
             # CompactHydraException as its message alone (any other error with a traceback) when the sweep ends

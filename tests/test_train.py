@@ -90,7 +90,8 @@ def test_cli_reports_a_bad_value_in_one_line(tmp_path, data_dir):
     r = run_cli("rnn_type=foo", f"paths.data_dir={data_dir}", "experiment=smoke", cwd=tmp_path)
     assert r.returncode != 0
     assert "error: rnn_type=foo is not one of lstm, gru, rnn." in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("rnn_type=foo") == 1, r.stderr
+    assert "rnn_type=foo is not one of" in next((tmp_path / "outputs" / "runs").glob("*/run.log")).read_text()
     r = run_cli("no_such_key=1", cwd=tmp_path)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip() == "error: Could not override 'no_such_key': there is no such key; check its spelling."
