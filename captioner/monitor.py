@@ -91,8 +91,9 @@ class CaptionMonitor(Callback):
         metrics = trainer.strategy.broadcast(metrics)
         for name, value in metrics.items():
             pl_module.log(f"val/{name}", value)
-        log.info("Epoch %d validation captions: %s", trainer.current_epoch,
-                 ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+        if trainer.is_global_zero:
+            log.info("Epoch %d validation captions: %s", trainer.current_epoch,
+                     ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
     def log_samples(self, trainer, dm, results, references):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]

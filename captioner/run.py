@@ -136,10 +136,10 @@ def train(cfg: DictConfig) -> float:
         trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     final.update(steps=trainer.global_step, checkpoint=str(ckpt_dir / "last.ckpt"))
-    if trainer.is_global_zero:
+    if trainer.is_global_zero:  # one report per run, not one per process
         atomic_write_text(run_dir / METRICS_FILE, json.dumps(final, indent=1))
-    log.info("Finished: %d steps, val/ppl %s, run dir %s", trainer.global_step,
-             f"{final['val/ppl']:.3f}" if "val/ppl" in final else "n/a", run_dir)
+        log.info("Finished: %d steps, val/ppl %s, run dir %s", trainer.global_step,
+                 f"{final['val/ppl']:.3f}" if "val/ppl" in final else "n/a", run_dir)
     return final.get(cfg.get("optimized_metric") or "val/ppl", float("nan"))
 
 

@@ -84,6 +84,7 @@ def test_ddp_cpu_two_processes_one_run_dir(tmp_path, data_dir):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 4  # 96 images / batch 32 / 2 processes, 2 epochs: the data was sharded
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert (r.stdout + r.stderr).count("Finished:") == 1, "one report per run, not one per process"
 
 
 @pytest.mark.slow
