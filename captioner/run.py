@@ -14,13 +14,12 @@ from hydra.types import RunMode
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
 
 from captioner import checks
 from captioner.checkpoint import check_same_architecture, init_weights, load_checkpoint
-from captioner.cli import compose_config, one_line
+from captioner.cli import compose_config, one_line, one_line_errors
 from captioner.data import CaptionDataModule
 from captioner.embeddings import load_vectors
 from captioner.model import RNNS
@@ -143,32 +142,30 @@ def train(cfg: DictConfig) -> float:
     return final.get(cfg.get("optimized_metric") or "val/ppl", float("nan"))
 
 
+@one_line_errors
 def check_overrides(argv) -> None:
     """Hydra reports a misspelt key or group option in several lines, and a run folder it cannot create as a
     traceback: compose the same overrides first and name the problem in one sentence."""
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
         return  # --cfg, --info, -cn, ...: Hydra's own modes
     multirun = any(a in ("-m", "--multirun") for a in argv)
-    try:
-        parser, plain = OverridesParser.create(), []
-        for arg in argv:
-            if arg.startswith("-"):
-                continue
-            try:
-                o = parser.parse_override(arg)
-            except HydraException as e:
-                raise CaptionerError(f"cannot read the argument {arg} ({one_line(e)}); expected key=value.") from None
-            key = o.key_or_group
-            if key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in o.input_line:
-                checks.writable_dir(o.value(), key)
-            elif o.is_sweep_override() and not multirun:
-                raise CaptionerError(f"{o.input_line} gives several values: add -m (--multirun) for one run per "
-                                     f"value, or quote the value.")
-            elif not key.startswith("hydra") and not o.is_sweep_override():  # sweeps: each job checks its own
-                plain.append(o.input_line)
-        compose_config("config", ["paths.run_dir=.", *plain])
-    except (CaptionerError, HydraException, OmegaConfBaseException) as e:
-        sys.exit(f"error: {one_line(e)}")
+    parser, plain = OverridesParser.create(), []
+    for arg in argv:
+        if arg.startswith("-"):
+            continue
+        try:
+            o = parser.parse_override(arg)
+        except HydraException as e:
+            raise CaptionerError(f"cannot read the argument {arg} ({one_line(e)}); expected key=value.") from None
+        key = o.key_or_group
+        if key in ("hydra.run.dir", "hydra.sweep.dir") and "${" not in o.input_line:
+            checks.writable_dir(o.value(), key)
+        elif o.is_sweep_override() and not multirun:
+            raise CaptionerError(f"{o.input_line} gives several values: add -m (--multirun) for one run per "
+                                 f"value, or quote the value.")
+        elif not key.startswith("hydra") and not o.is_sweep_override():  # sweeps: each job checks its own
+            plain.append(o.input_line)
+    compose_config("config", ["paths.run_dir=.", *plain])
 
 
 @hydra.main(version_base="1.3", config_path="pkg://captioner.conf", config_name="config")
