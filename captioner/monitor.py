@@ -22,9 +22,25 @@ def evaluation_due(trainer, every: int) -> bool:
     """Whether this validation also evaluates captions: every `every` epochs, and on the last epoch."""
     if every <= 0 or trainer.sanity_checking:
         return False
-    # with `iterations`, max_epochs is -1: there is no last epoch to single out
-    last = (trainer.max_epochs or 0) > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
-    return (trainer.current_epoch + 1) % every == 0 or last
+    return (trainer.current_epoch + 1) % every == 0 or last_validation(trainer)
+
+
+def last_validation(trainer) -> bool:
+    """Whether this is the run's last validation: in its last epoch, or (with `iterations`) at its last step."""
+    if (trainer.max_steps or 0) > 0:
+        return trainer.global_step >= trainer.max_steps
+    return (trainer.max_epochs or 0) > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
+
+
+class ValidateLastStep(Callback):
+    """A run of `iterations` steps validates at its last step, wherever that falls in an epoch. Lightning
+    validates at epoch ends (or every val_check_interval batches) and stops at max_steps without validating, so
+    a run that ends inside an epoch would report, and keep as best.ckpt, an earlier epoch's model. Asking the
+    loop to stop at max_steps makes it validate first (the path early stopping takes)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if (trainer.max_steps or 0) > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
 
 
 class BestCheckpoint(ModelCheckpoint):

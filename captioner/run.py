@@ -1,7 +1,6 @@
 """Training entry point: `python -m captioner.run [key=value ...]` (Hydra; add -m for a multirun sweep)."""
 import json
 import logging
-import math
 import re
 import sys
 from pathlib import Path
@@ -123,11 +122,6 @@ def train(cfg: DictConfig) -> float:
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     steps = dict(max_steps=cfg.iterations, max_epochs=-1) if cfg.iterations > 0 else dict(max_epochs=cfg.epochs)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg, logger), logger=logger, **steps)
-    if cfg.iterations > 0 and cfg.trainer.get("val_check_interval") is None:
-        # Lightning validates at the end of an epoch: a run that stops inside its first one would never validate
-        batches = math.ceil(math.ceil(len(dm.datasets["train"]) / trainer.world_size) / cfg.batch_size)
-        if cfg.iterations < batches:
-            trainer.val_check_interval = cfg.iterations
     if logger:
         logger.log_hyperparams({k: v for k, v in module.hparams.config.items() if not isinstance(v, dict)})
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)  # checked safe above

@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -53,14 +54,23 @@ def test_other_rnn_types_train_with_two_layers(cfg_factory, rnn_type):
     assert train(cfg) > 1.0
 
 
-def test_a_run_shorter_than_an_epoch_still_validates(cfg_factory):
-    """iterations=2 on the smoke set (3 steps per epoch) stops inside the first epoch: it must still report
-    val/ppl and keep best.ckpt."""
-    cfg = cfg_factory("iterations=2", run="short")
+@pytest.mark.parametrize("iterations, validated_at", [(2, [2]), (5, [3, 5])])
+def test_a_run_that_ends_inside_an_epoch_validates_at_its_last_step(cfg_factory, iterations, validated_at):
+    """The smoke set has 3 steps per epoch: iterations=2 stops inside the first epoch, iterations=5 inside the
+    second. Either way the last step is validated (with captions: val/CIDEr), reported and compared for
+    best.ckpt; before, the run reported the last epoch end's model, or nothing."""
+    cfg = cfg_factory(f"iterations={iterations}", "eval_every=100", "eval_max_images=8", run="short")
     assert train(cfg) > 1
     run_dir = Path(cfg.paths.run_dir)
-    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
-    assert len(scalars(run_dir, "val/ppl")) == 1  # once, at the last step
+    assert json.loads((run_dir / "history.json").read_text())["val_iterations"] == validated_at
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    ppl, cider = acc.Scalars("val/ppl"), acc.Scalars("val/CIDEr")
+    assert len(ppl) == len(validated_at) and [e.step for e in cider] == [ppl[-1].step]  # the last one evaluates
+    best = torch.load(run_dir / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=False)
+    best_loss = min(e.value for e in acc.Scalars("val/loss"))  # checkpoint_monitor
+    score = best["callbacks"][next(k for k in best["callbacks"] if k.startswith("ModelCheckpoint"))]["best_model_score"]
+    assert abs(float(score) - best_loss) < 1e-6 and best["global_step"] in validated_at
 
 
 @pytest.mark.parametrize("override, message", [
