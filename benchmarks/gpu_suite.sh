@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU measurement in one run (issues 11, 12, 13; about 9 minutes on an H200; the steps in order of importance). Each step has its own timeout and
-# writes its log and JSON line to "$OUT"; a failed or timed-out step does not stop the others.
+# Every GPU measurement in one run (issues 12 and 13, then issue 11's rehearsal; about 9 minutes on an H200; the steps
+# in order of importance). Each step has its own timeout and writes its log and JSON line to "$OUT"; a failed or
+# timed-out step does not stop the others.
 #
 # Run from the repository root on the GPU machine, with these git-ignored folders brought along
 # (data/rehearsal-cache: `python benchmarks/coco_rehearsal.py --stage prepare`, the token cache of the rehearsal):
@@ -47,11 +48,13 @@ fi
 if [ -f benchmarks/recipes.py ]; then  # issue 12: one SCST step vs one cross-entropy step at batch 256
   step scst_timing 90 python3 benchmarks/recipes.py --step-timing --batch 256 --device cuda   # bf16, as trainer=gpu
   step scst_timing_fp32 90 python3 benchmarks/recipes.py --step-timing --batch 256 --device cuda --precision 32
-fi
-if [ -d data/rehearsal-cache ] && [ "$SCALE" = coco ]; then  # issue 11: COCO-sized Karpathy rehearsal
-  step rehearsal 330 python3 benchmarks/coco_rehearsal.py --out /tmp/rehearsal-out --timeout 240
+  # compile=reduce-overhead: SCST's sampling loop and reward as CUDA graphs, XE's compiled loss (compiling: ~1-2 min)
+  step scst_timing_graphs 240 python3 benchmarks/recipes.py --step-timing --batch 256 --device cuda --compile reduce-overhead
 fi
 step sync_check 60 python3 benchmarks/sync_check.py --steps 200
 if [ "$SCALE" = coco ]; then
   step train_compiled 120 python3 benchmarks/train_throughput.py --scale coco --no-reference --compile reduce-overhead
+fi
+if [ -d data/rehearsal-cache ] && [ "$SCALE" = coco ]; then  # issue 11 (resolved): COCO-sized Karpathy rehearsal
+  step rehearsal 330 python3 benchmarks/coco_rehearsal.py --out /tmp/rehearsal-out --timeout 240
 fi

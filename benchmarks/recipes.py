@@ -86,9 +86,10 @@ def dispatched_ops(step):
 
 
 def step_timing(batch, device, repeats=20, precision="32", vocab=10000, feature_dim=1280, hidden=512, refs=5,
-                length=16):
+                length=16, compile=False):
     """Seconds per optimizer step, XE vs SCST (5 samples, mean baseline), on random data of COCO-like sizes, both
-    at the same precision ("bf16-mixed": under bf16 autocast, as `trainer=gpu` trains)."""
+    at the same precision ("bf16-mixed": under bf16 autocast, as `trainer=gpu` trains). With `compile`, SCST's
+    sampler and reward are compiled and its ratio is to the faster of the compiled and the eager XE step."""
     from functools import partial
 
     from captioner import scst
@@ -110,18 +111,17 @@ def step_timing(batch, device, repeats=20, precision="32", vocab=10000, feature_
     rows = torch.arange(batch, device=device)
     real = torch.arange(batch * length, device=device)  # every target is a word or <end>: no pads
     out = {}
-    for name, cls in (("xe", CaptionModule), ("scst", SCSTModule)):
+    stages = [("xe", CaptionModule, compile)] + ([("xe_eager", CaptionModule, False)] if compile else [])
+    for name, cls, compiled in stages + [("scst", SCSTModule, compile)]:  # SCST last: its ops are counted below
         torch.manual_seed(0)
-        module = cls(**kwargs).to(device)
+        module = cls(**{**kwargs, "compile": compiled}).to(device)
         opt = torch.optim.Adam(module.parameters(), 1e-4)
         if name == "scst":
-            from captioner.cider import CiderD
-
-            module.cider = CiderD(references, vocab).to(device)
-            module.references = references.to(device)
+            module.prepare(references)
             module.log = lambda *a, **k: None  # no Trainer here
         batch_ = (features, inputs, targets, real, rows)  # as the trainer's batches (SCST's carry their rows)
-        loss_of = lambda: (module.training_step(batch_, 0) if name == "scst" else module.loss(batch_[:4])[0])
+        loss_of = lambda: (module.training_step(batch_, 0) if name == "scst" else
+                           module.compiled_loss(batch_[:3])[0] if compiled else module.loss(batch_[:4])[0])
 
         def step():
             opt.zero_grad(set_to_none=True)
@@ -130,7 +130,7 @@ def step_timing(batch, device, repeats=20, precision="32", vocab=10000, feature_
             loss.backward()
             opt.step()
 
-        for i in range(repeats + 3):  # 3 warm-up steps
+        for i in range(repeats + 3):  # 3 warm-up steps (and compilation)
             if i == 3:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
@@ -145,7 +145,10 @@ def step_timing(batch, device, repeats=20, precision="32", vocab=10000, feature_
     scst.caption_nll = partial(rescore, real_only=False)
     out["scst_aten_ops"], out["scst_gpu_waits"] = dispatched_ops(lambda: loss_of().backward())  # no optimizer
     scst.caption_nll = rescore
-    out.update(ratio=round(out["scst_step_ms"] / out["xe_step_ms"], 2), batch=batch, precision=precision,
+    # against the faster XE step: compiling the XE loss can cost more than it saves
+    xe = min(out["xe_step_ms"], out.get("xe_eager_step_ms", float("inf")))
+    out.update(ratio=round(out["scst_step_ms"] / xe, 2), batch=batch, precision=precision,
+               compile=compile,
                device=str(device),
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     return out
@@ -159,6 +162,10 @@ def main():
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", choices=["32", "bf16-mixed"],
                    help="of both steps; default: bf16-mixed on a GPU (as trainer=gpu), 32 on a CPU")
+    p.add_argument("--compile", default=False, help="step timing with compile=true or a torch.compile mode "
+                   "(reduce-overhead: CUDA graphs)")
+    p.add_argument("--sizes", default="10000,1280,512",
+                   help="step timing: vocabulary, feature and hidden sizes (tiny ones leave only the per-op cost)")
     p.add_argument("--caption-choice", action="store_true", help="compare caption_idx=0 with caption_idx=-1")
     p.add_argument("--seeds", type=int, default=1,
                    help="XE, XE tuned and SCST (all from seed 0's XE checkpoint): the mean over seeds 0..N-1")
@@ -169,7 +176,10 @@ def main():
     torch.set_num_threads(a.threads)
     if a.step_timing:
         precision = a.precision or ("bf16-mixed" if a.device.startswith("cuda") else "32")
-        print(json.dumps(step_timing(a.batch, torch.device(a.device), a.repeats, precision)))
+        vocab, feature_dim, hidden = map(int, a.sizes.split(","))
+        compile = {"true": True, "false": False}.get(str(a.compile).lower(), a.compile)
+        print(json.dumps(step_timing(a.batch, torch.device(a.device), a.repeats, precision, vocab, feature_dim,
+                                     hidden, compile=compile)))
         return
     print(json.dumps(quality(a, user)))
 

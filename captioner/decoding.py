@@ -4,6 +4,8 @@ Every image of the batch and every beam advance together as one (batch * beam) R
 loop over images, no per-word host sync (the early-stop check runs every few steps), no allocation that grows
 with the caption, and no pass over a [batch, beam * vocabulary] tensor beyond the log-softmax itself.
 """
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -107,25 +109,33 @@ def draw(logits, generator=None):
 def sample(model: ShowAndTell, features, max_len=20, temperature=1.0, top_k=0, generator=None, check_every=4):
     """Ancestral sampling (the seed's `probabilistic`; SCST's samples): tokens [B, T], <pad> after <end>, T <=
     max_len. All B captions advance together; whether all have ended is checked (a host sync) every `check_every`
-    words only."""
+    words only (0: never)."""
     B = features.shape[0]
     state = model.initial_state(features)
     words = torch.full((B,), START, device=features.device, dtype=torch.long)
     done = torch.zeros(B, dtype=torch.bool, device=features.device)
     out = []
     for t in range(max_len):
-        logits, state = _step(model, words, state)
+        logits, state = model.step(words, state)
+        logits = _mask_specials(logits)  # in place (no autograd here); draw's softmax normalises: no log_softmax
         if temperature != 1.0:
-            logits = logits / max(temperature, 1e-6)
+            logits = logits.float() / max(temperature, 1e-6)  # fp32: bf16 logits would round after dividing
         if top_k:
             kth = logits.topk(top_k, -1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, NEG)
         words = torch.where(done, PAD, draw(logits, generator))
         out.append(words)
         done |= words == END
-        if (t + 1) % check_every == 0 and bool(done.all()):
+        if check_every and (t + 1) % check_every == 0 and bool(done.all()):
             break
     return torch.stack(out, 1)
+
+
+def compiled_sampler(mode=None):
+    """`sample` as one torch.compile graph of all max_len steps (no early stop: a check would wait for the device
+    and break the graph). With mode="reduce-overhead", a CUDA graph: one launch for the whole sampling loop instead
+    of some twenty kernels per word. A new graph per batch shape and setting."""
+    return torch.compile(partial(sample, check_every=0), fullgraph=True, dynamic=False, mode=mode)
 
 
 def decode_options(cfg) -> dict:

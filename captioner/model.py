@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 RNNS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+CELLS = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn": torch.rnn_tanh_cell}  # one step, same weights
 
 
 class WordEmbedding(nn.Module):
@@ -42,6 +43,8 @@ class ShowAndTell(nn.Module):
         self.init_hidden = nn.Linear(feature_dim, hidden_size * num_layers)
         self.embed = embedding
         self.rnn = RNNS[self.rnn_type](embedding.weight.shape[1], hidden_size, num_layers, batch_first=True)
+        # the same Parameter objects in a plain list, for cell_step: torch.compile refuses to look inside nn.LSTM
+        self.layer_weights = self.rnn.all_weights
         self.out = nn.Linear(hidden_size, vocab_size)
         self.drop = nn.Dropout(dropout)  # on the word vectors and on the RNN output before `out` (training only)
 
@@ -60,6 +63,27 @@ class ShowAndTell(nn.Module):
 
     def step(self, words, state):
         """One decoding step: the previous words [B] and the state -> next-word logits [B, V] and the new state.
-        Beam search, sampling and self-critical training all advance the RNN through this."""
+        Beam search, sampling and self-critical training all advance the RNN through this. torch.compile cannot
+        trace nn.LSTM, so a compiled step runs the same weights through each layer's single-step cell instead."""
+        if torch.compiler.is_compiling():
+            x, state = self.cell_step(self.drop(self.embed(words)), state)
+            return self.out(self.drop(x)), state
         out, state = self.rnn(self.drop(self.embed(words[:, None])), state)
         return self.out(self.drop(out[:, -1])), state
+
+    def cell_step(self, x, state):
+        """The RNN over one input [B, emb] with torch.lstm_cell / gru_cell / rnn_tanh_cell per layer -> its output
+        [B, hidden] and the new state, as nn.LSTM/GRU/RNN would give for a one-word sequence."""
+        lstm = self.rnn_type == "lstm"
+        h, c = state if lstm else (state, None)
+        hs, cs = [], []
+        for layer in range(self.num_layers):
+            w_ih, w_hh, b_ih, b_hh = self.layer_weights[layer]
+            if lstm:
+                x, c_layer = CELLS["lstm"](x, (h[layer], c[layer]), w_ih, w_hh, b_ih, b_hh)
+                cs.append(c_layer)
+            else:
+                x = CELLS[self.rnn_type](x, h[layer], w_ih, w_hh, b_ih, b_hh)
+            hs.append(x)
+        h = torch.stack(hs)
+        return x, ((h, torch.stack(cs)) if lstm else h)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from captioner.cider import CiderD, reference_tensor
-from captioner.decoding import beam_search, sample
+from captioner.decoding import beam_search, compiled_sampler, sample
 from captioner.module import CaptionModule
 from captioner.vocab import PAD, START
 
@@ -102,24 +102,33 @@ class SCSTModule(CaptionModule):
             self.trainer.datamodule.datasets["train"] = ImageRows(train)
 
     def on_fit_start(self):
-        dm = self.trainer.datamodule
-        refs = reference_tensor(dm.datasets["train"].base)
-        self.cider = CiderD(refs, len(self.vocab)).to(self.device)  # document frequencies, once per run
-        self.references = refs.to(self.device)
+        refs = reference_tensor(self.trainer.datamodule.datasets["train"].base)
+        self.prepare(refs)
         log.info("SCST: CIDEr-D document frequencies of %d training images (%d n-grams); %d samples per image, "
                  "%s baseline.", len(refs), len(self.cider.df_codes), self.settings()["samples"],
                  self.settings()["baseline"])
 
+    def prepare(self, refs):
+        """The reward's document frequencies (once per run) and references [images, R, L]; with `compile`, the
+        sampling loop and the reward as graphs (fixed shapes; one CUDA graph each with "reduce-overhead")."""
+        self.cider = CiderD(refs, len(self.vocab)).to(self.device)
+        self.references = refs.to(self.device)
+        self.sampler, self.reward = sample, self.cider
+        if self.hparams.compile:
+            mode = None if self.hparams.compile is True else str(self.hparams.compile)
+            self.sampler = compiled_sampler(mode)
+            self.reward = torch.compile(self.cider.__call__, fullgraph=True, dynamic=False, mode=mode)
+
     def rewards(self, tokens, rows, k):
         image_of = torch.arange(len(rows), device=tokens.device).repeat_interleave(k)
-        return self.cider(tokens, self.references[rows.to(self.references.device)].to(tokens.device), image_of)
+        return self.reward(tokens, self.references[rows.to(self.references.device)].to(tokens.device), image_of)
 
     def training_step(self, batch, batch_idx):
         features, rows = batch[0], batch[-1]
         s = self.settings()
         k = int(s["samples"])
         repeated = features.repeat_interleave(k, 0)  # k captions per image, image-major (rows i*k .. i*k+k-1)
-        tokens = sample(self.model, repeated, int(s["max_len"]))  # without autograd
+        tokens = self.sampler(self.model, repeated, int(s["max_len"]))  # without autograd
         rewards = self.rewards(tokens, rows, k)
         greedy = None
         if s["baseline"] == "greedy":

@@ -161,3 +161,46 @@ def test_a_resumed_run_draws_the_captions_of_its_epoch_also_with_workers(tmp_pat
     same = lambda a, b: len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
     assert not same(full[0], full[1]), "each epoch draws anew"
     assert list(resumed) == [1] and same(resumed[1], full[1])
+
+
+@pytest.mark.slow
+def test_compiled_scst_sampling_and_reward_equal_the_eager_ones():
+    """With `compile`, SCST samples all its words in one graph (the RNN through single-step cells: torch.compile
+    cannot trace nn.LSTM) and scores them with a compiled CIDEr-D. With the same random numbers (inductor's
+    fallback_random), the captions, rewards, loss and gradients are the eager ones."""
+    import torch._inductor.config
+
+    from captioner.decoding import sample
+    from captioner.scst import SCSTModule
+
+    g = torch.Generator().manual_seed(2)
+    references = torch.randint(len(SPECIALS), V, (6, 3, 7), generator=g)
+    references[:, :, 5:] = PAD
+    batch = (torch.randn(4, FEAT, generator=g), None, None, None, torch.tensor([0, 5, 2, 2]))
+    grads = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        scst = SCSTModule(SPECIALS + [f"w{i}" for i in range(V - 4)], FEAT, preprocess={},
+                          embeddings={"name": "learned", "dim": 16}, hidden_size=32, num_layers=2, compile=compile,
+                          config={"scst": {"samples": 3, "max_len": 8}})
+        scst.prepare(references)
+        scst.log = lambda *a, **k: None  # no Trainer here
+        assert (scst.sampler is sample) != compile
+        with torch._inductor.config.patch(fallback_random=True):
+            torch.manual_seed(1)
+            tokens = scst.sampler(scst.model, batch[0].repeat_interleave(3, 0), 8)
+            rewards = scst.rewards(tokens, batch[-1], 3)
+            torch.manual_seed(1)
+            loss = scst.training_step(batch, 0)
+        loss.backward()
+        grads.append([p.grad for p in scst.parameters() if p.grad is not None])
+        if not compile:
+            eager = tokens, rewards, loss
+    torch.manual_seed(1)
+    assert torch.equal(eager[0], sample(scst.model, batch[0].repeat_interleave(3, 0), 8, check_every=0))
+    assert torch.equal(tokens, eager[0]) and (tokens == END).any()
+    torch.testing.assert_close(rewards, eager[1], rtol=1e-12, atol=1e-12)
+    assert rewards.max() > 0, "some n-grams of the samples are in the references"
+    torch.testing.assert_close(loss, eager[2])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

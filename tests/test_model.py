@@ -30,6 +30,23 @@ def test_features_set_the_initial_hidden_state_of_every_layer(rnn_type, num_laye
     assert not torch.allclose(out1, out2), "changing the image features must change the outputs"
 
 
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_the_compiled_decoding_step_is_the_teacher_forced_rnn_one_word_at_a_time(rnn_type, num_layers):
+    """A compiled decoding step runs the RNN's weights through single-step cells (torch.lstm_cell, ...), as
+    torch.compile cannot trace nn.LSTM; teacher forcing runs the sequence kernel. Word by word, they must agree,
+    after a dtype round trip too (the cells must read the module's own, moved, weights)."""
+    model = make_model(rnn_type, num_layers).double().float().eval()
+    f, words = torch.randn(4, 10), torch.randint(1, 12, (4, 5))
+    hidden, last = model(f, words)
+    state = model.initial_state(f)
+    for t in range(words.shape[1]):
+        out, state = model.cell_step(model.embed(words[:, t]), state)
+        torch.testing.assert_close(out, hidden[:, t], rtol=1e-5, atol=1e-6)
+    for mine, theirs in zip(*((s if rnn_type == "lstm" else (s,)) for s in (state, last))):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_frozen_pretrained_rows_stay_fixed_and_others_learn():
     pretrained = torch.randn(12, 8)
     has = torch.zeros(12, dtype=torch.bool)
