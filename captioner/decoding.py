@@ -4,8 +4,6 @@ Every image of the batch and every beam advance together as one (batch * beam) R
 loop over images, no per-word host sync (the early-stop check runs every few steps), no allocation that grows
 with the caption, and no pass over a [batch, beam * vocabulary] tensor beyond the log-softmax itself.
 """
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 
@@ -129,13 +127,6 @@ def sample(model: ShowAndTell, features, max_len=20, temperature=1.0, top_k=0, g
         if check_every and (t + 1) % check_every == 0 and bool(done.all()):
             break
     return torch.stack(out, 1)
-
-
-def compiled_sampler(mode=None):
-    """`sample` as one torch.compile graph of all max_len steps (no early stop: a check would wait for the device
-    and break the graph). With mode="reduce-overhead", a CUDA graph: one launch for the whole sampling loop instead
-    of some twenty kernels per word. A new graph per batch shape and setting."""
-    return torch.compile(partial(sample, check_every=0), fullgraph=True, dynamic=False, mode=mode)
 
 
 def decode_options(cfg) -> dict:

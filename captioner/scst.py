@@ -9,13 +9,14 @@ of its greedy caption (`scst.baseline=greedy`). Validation is the cross-entropy 
 caption monitor.
 """
 import logging
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from captioner.cider import CiderD, reference_tensor
-from captioner.decoding import beam_search, compiled_sampler, sample
+from captioner.decoding import beam_search, sample
 from captioner.module import CaptionModule
 from captioner.vocab import PAD, START
 
@@ -76,6 +77,14 @@ def caption_nll(model, features, tokens, real_only=None):
     return torch.zeros(tokens.shape, dtype=nll.dtype, device=nll.device).index_put((real,), nll)
 
 
+def compiled(fn, mode=None):
+    """fn as torch.compile graphs, one per input shape. Its output is copied out at once: a CUDA graph's output
+    ("reduce-overhead") lives in memory that the next call of any compiled function may overwrite. Not fullgraph:
+    past torch's limit of recompilations (say, many batch sizes in one process) it runs eagerly instead of failing."""
+    graph = torch.compile(fn, dynamic=False, mode=mode)
+    return lambda *args: graph(*args).clone()
+
+
 def policy_loss(logps, tokens, advantage):
     """REINFORCE with a baseline: -(reward - baseline) * log p, averaged over the sampled tokens."""
     mask = tokens != PAD
@@ -116,8 +125,10 @@ class SCSTModule(CaptionModule):
         self.sampler, self.reward = sample, self.cider
         if self.hparams.compile:
             mode = None if self.hparams.compile is True else str(self.hparams.compile)
-            self.sampler = compiled_sampler(mode)
-            self.reward = torch.compile(self.cider.__call__, fullgraph=True, dynamic=False, mode=mode)
+            self.model.layer_weights = self.model.rnn.all_weights  # the RNN's current Parameter objects
+            # all max_len words, with no early stop (the check would wait for the device and break the graph)
+            self.sampler = compiled(partial(sample, check_every=0), mode)
+            self.reward = compiled(self.cider.__call__, mode)
 
     def rewards(self, tokens, rows, k):
         image_of = torch.arange(len(rows), device=tokens.device).repeat_interleave(k)
@@ -135,6 +146,8 @@ class SCSTModule(CaptionModule):
             self.model.eval()  # the test-time caption: no dropout
             greedy_tokens = beam_search(self.model, features, beam_size=1, max_len=int(s["max_len"]))[0][:, 0]
             self.model.train()
+            # padded to max_len (which leaves CIDEr-D as it is): one shape for a compiled reward, not one per length
+            greedy_tokens = F.pad(greedy_tokens, (0, int(s["max_len"]) - greedy_tokens.shape[1]), value=PAD)
             greedy = self.rewards(greedy_tokens, rows, 1)
         baseline = baseline_of(rewards, k, s["baseline"], greedy)
         loss = policy_loss(-caption_nll(self.model, repeated, tokens), tokens, rewards - baseline)

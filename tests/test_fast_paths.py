@@ -178,6 +178,7 @@ def test_compiled_scst_sampling_and_reward_equal_the_eager_ones():
     references[:, :, 5:] = PAD
     batch = (torch.randn(4, FEAT, generator=g), None, None, None, torch.tensor([0, 5, 2, 2]))
     grads = []
+    torch._dynamo.utils.counters.clear()
     for compile in (False, True):
         torch.manual_seed(0)
         scst = SCSTModule(SPECIALS + [f"w{i}" for i in range(V - 4)], FEAT, preprocess={},
@@ -185,22 +186,29 @@ def test_compiled_scst_sampling_and_reward_equal_the_eager_ones():
                           config={"scst": {"samples": 3, "max_len": 8}})
         scst.prepare(references)
         scst.log = lambda *a, **k: None  # no Trainer here
-        assert (scst.sampler is sample) != compile
+        assert (scst.sampler is sample) != compile and (scst.reward is scst.cider) != compile
         with torch._inductor.config.patch(fallback_random=True):
             torch.manual_seed(1)
             tokens = scst.sampler(scst.model, batch[0].repeat_interleave(3, 0), 8)
             rewards = scst.rewards(tokens, batch[-1], 3)
+            scst.hparams.config["scst"]["baseline"] = "greedy"  # its captions stop early: padded to max_len
+            torch.manual_seed(1)
+            greedy_loss = scst.training_step(batch, 0).detach()
+            scst.hparams.config["scst"]["baseline"] = "mean"
             torch.manual_seed(1)
             loss = scst.training_step(batch, 0)
         loss.backward()
         grads.append([p.grad for p in scst.parameters() if p.grad is not None])
         if not compile:
-            eager = tokens, rewards, loss
+            eager = tokens, rewards, loss, greedy_loss
+    assert not torch._dynamo.utils.counters["graph_break"], "each compiled function must be one whole graph"
     torch.manual_seed(1)
     assert torch.equal(eager[0], sample(scst.model, batch[0].repeat_interleave(3, 0), 8, check_every=0))
     assert torch.equal(tokens, eager[0]) and (tokens == END).any()
     torch.testing.assert_close(rewards, eager[1], rtol=1e-12, atol=1e-12)
     assert rewards.max() > 0, "some n-grams of the samples are in the references"
     torch.testing.assert_close(loss, eager[2])
+    torch.testing.assert_close(greedy_loss, eager[3])
+    assert abs(greedy_loss.item() - loss.item()) > 1e-6, "the greedy baseline is another baseline"
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
