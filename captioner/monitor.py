@@ -25,11 +25,14 @@ def evaluation_due(trainer, every: int) -> bool:
     return (trainer.current_epoch + 1) % every == 0 or last_validation(trainer)
 
 
+def at_last_step(trainer) -> bool:
+    """Whether a run of `iterations` steps (Lightning's max_steps) has reached its last one."""
+    return (trainer.max_steps or 0) > 0 and trainer.global_step >= trainer.max_steps
+
+
 def last_validation(trainer) -> bool:
-    """Whether this is the run's last validation: in its last epoch, or (with `iterations`) at its last step."""
-    if (trainer.max_steps or 0) > 0:
-        return trainer.global_step >= trainer.max_steps
-    return (trainer.max_epochs or 0) > 0 and trainer.current_epoch + 1 >= trainer.max_epochs
+    """Whether this is the run's last validation: at its last step (with `iterations`), or in its last epoch."""
+    return at_last_step(trainer) or ((trainer.max_epochs or 0) > 0 and trainer.current_epoch + 1 >= trainer.max_epochs)
 
 
 class ValidateLastStep(Callback):
@@ -39,7 +42,7 @@ class ValidateLastStep(Callback):
     loop to stop at max_steps makes it validate first (the path early stopping takes)."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if (trainer.max_steps or 0) > 0 and trainer.global_step >= trainer.max_steps:
+        if at_last_step(trainer):
             trainer.should_stop = True
 
 
