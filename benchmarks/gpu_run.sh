@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The device-tool call around gpu_suite.sh: the suite under a time limit, then its logs packed into one archive
-# (the device tool brings back at most 8 files). Usage there: bash benchmarks/gpu_run.sh SECONDS
+# (the device tool brings back at most 8 files). Usage there: [ONLY="steps"] bash benchmarks/gpu_run.sh SECONDS
 limit=${1:-540}
 dest=${OUT:-gpu-out}
 work=/tmp/gpuout

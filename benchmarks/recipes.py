@@ -141,9 +141,19 @@ def step_timing(batch, device, repeats=20, precision="32", vocab=10000, feature_
         out[f"{name}_step_ms"] = round(1000 * (time.perf_counter() - start) / repeats, 2)
     # what one SCST step dispatches in its GPU form (the re-scoring scores every position, no boolean indexing),
     # whatever the device: a proxy, on a CPU, of its kernel launches and host waits on a GPU
+    # (under the timed steps' autocast: a compiled graph called outside it would be compiled again)
     rescore = scst.caption_nll
     scst.caption_nll = partial(rescore, real_only=False)
-    out["scst_aten_ops"], out["scst_gpu_waits"] = dispatched_ops(lambda: loss_of().backward())  # no optimizer
+
+    def counted():
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = loss_of()
+        loss.backward()  # no optimizer
+
+    try:
+        out["scst_aten_ops"], out["scst_gpu_waits"] = dispatched_ops(counted)
+    except RuntimeError as e:  # the profiler around CUDA graphs: keep the timings above
+        out["scst_ops_error"] = str(e).splitlines()[0][:200]
     scst.caption_nll = rescore
     # against the faster XE step: compiling the XE loss can cost more than it saves
     xe = min(out["xe_step_ms"], out.get("xe_eager_step_ms", float("inf")))

@@ -15,13 +15,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from captioner.vocab import END, PAD, START
 
+AFTER_IDS = np.array([PAD, END, START])  # token index len(ids) + k is AFTER_IDS[k]
+
 
 class CaptionBatches(Dataset):
     """One item per image; `__getitems__` builds a whole padded batch at once.
 
-    After `to_device` (a GPU run with resident features) the word ids live on the device too, and a batch is
-    assembled there: one small pinned copy of the batch's rows, caption offsets and real positions, then gathers.
-    Its padded length comes from the host-side offsets, so nothing waits for the device.
+    A batch's tokens are indices into the word ids followed by AFTER_IDS, computed on the host from the caption
+    offsets (`_token_index`). After `to_device` (a GPU run with resident features) the word ids live on the device
+    too, and a batch is assembled there: one small pinned copy of its rows, real positions and token indices, then
+    gathers. Its padded length comes from the host-side offsets, so nothing waits for the device.
     """
 
     def __init__(self, features, feat_rows, ids, offsets, cap_start, cap_count, caption_idx=0, seed=0,
@@ -48,7 +51,20 @@ class CaptionBatches(Dataset):
     def to_device(self, device):
         """Keep features and word ids on the device: a batch is then built there, with no host-side assembly."""
         self.features = torch.as_tensor(np.asarray(self.features)).to(device)
-        self.device_ids = torch.as_tensor(np.asarray(self.ids, dtype=np.int64)).to(device)
+        ids = np.concatenate([np.asarray(self.ids, dtype=np.int64), AFTER_IDS])
+        self.device_ids = torch.as_tensor(ids).to(device)
+
+    def _token_index(self, begin, lengths, t):
+        """[2, n, t]: where each input and target of a batch comes from in the ids followed by AFTER_IDS: a caption's
+        words, then <end>, then <pad>; the inputs are the targets shifted right behind <start>, with <end> (never an
+        input) as <pad>."""
+        n_ids, pos, lengths = len(self.ids), np.arange(t), lengths[:, None]
+        word = begin[:, None] + pos
+        targets = np.where(pos < lengths, word, np.where(pos == lengths, n_ids + 1, n_ids))
+        inputs = np.empty_like(targets)
+        inputs[:, 0] = n_ids + 2
+        inputs[:, 1:] = np.where(pos[:-1] < lengths, word[:, :-1], n_ids)
+        return np.stack([inputs, targets])
 
     def __getitems__(self, indices):
         idx = np.asarray(indices)
@@ -56,35 +72,32 @@ class CaptionBatches(Dataset):
         caps = self.choice[idx]
         begin, lengths = self.offsets[caps], self.offsets[caps + 1] - self.offsets[caps]
         t = -(-(int(lengths.max()) + 1) // self.pad_to) * self.pad_to  # longest caption plus <end>, rounded up
-        pos = np.arange(t)
-        real = np.flatnonzero(pos <= lengths[:, None])  # the words and <end> of each row
+        real = np.flatnonzero(np.arange(t) <= lengths[:, None])  # the words and <end> of each row
+        index = self._token_index(begin, lengths, t)
         if self.device_ids is not None and isinstance(self.features, torch.Tensor):
-            return self._assemble_on_device(rows, begin, lengths, real, t)
+            return self._assemble_on_device(rows, index, real)
         if isinstance(self.features, torch.Tensor):
             feats = self.features[torch.from_numpy(rows).to(self.features.device, non_blocking=True)].float()
         else:
             feats = torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))
-        words = self.ids[np.minimum(begin[:, None] + pos, len(self.ids) - 1)]
-        targets = np.where(pos < lengths[:, None], words, PAD)
-        targets[np.arange(len(idx)), lengths] = END
-        inputs = np.concatenate([np.full((len(idx), 1), START), targets[:, :-1]], axis=1)
-        inputs[inputs == END] = PAD  # <end> is never an input
-        return feats, torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(real)
+        n_ids = len(self.ids)  # gathered from the (possibly memory-mapped) ids, then the specials put in
+        tokens = np.asarray(self.ids[np.minimum(index, n_ids - 1)], dtype=np.int64)
+        special = index >= n_ids
+        tokens[special] = AFTER_IDS[index[special] - n_ids]
+        inputs, targets = torch.from_numpy(tokens)
+        return feats, inputs, targets, torch.from_numpy(real)
 
-    def _assemble_on_device(self, rows, begin, lengths, real, t):
-        """The same batch as the host path, built with gathers on the device from one pinned, async copy."""
+    def _assemble_on_device(self, rows, index, real):
+        """The same batch as the host path, from one pinned, async copy of the host-side indices and two gathers: a
+        GPU step of this model is bound by the host's launches, so the batch costs as few of them as it can."""
         device, n = self.features.device, len(rows)
-        packed = torch.from_numpy(np.concatenate([rows, begin, lengths, real]).astype(np.int64))
+        packed = torch.from_numpy(np.concatenate([rows, real, index.ravel()]))
         if device.type == "cuda":
             packed = packed.pin_memory()  # a pinned source: the copy is queued, the host does not wait
         packed = packed.to(device, non_blocking=True)
-        (rows, begin, lengths), real = packed[:3 * n].view(3, n, 1).unbind(0), packed[3 * n:]
-        pos = torch.arange(t, device=device)
-        words = self.device_ids[(begin + pos).clamp_(max=len(self.device_ids) - 1)]
-        targets = words.masked_fill_(pos >= lengths, PAD).masked_fill_(pos == lengths, END)
-        inputs = torch.cat([torch.full_like(targets[:, :1], START), targets[:, :-1]], 1)
-        inputs.masked_fill_(inputs == END, PAD)  # <end> is never an input
-        return self.features[rows.view(-1)].float(), inputs, targets, real
+        rows, real, index = packed[:n], packed[n:n + len(real)], packed[n + len(real):].view(index.shape)
+        inputs, targets = self.device_ids[index]
+        return self.features[rows].float(), inputs, targets, real
 
     def __getitem__(self, i):
         return self.__getitems__([i])
@@ -135,6 +148,13 @@ class CaptionDataModule(pl.LightningDataModule):
             for ds in self.datasets.values():
                 if not isinstance(ds.features, torch.Tensor):
                     ds.to_device(device)
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        """A batch assembled on the device (resident data) is returned as it is, not walked tensor by tensor: a GPU
+        step of this model is bound by host time, and Lightning's walk costs some of it."""
+        if all(isinstance(t, torch.Tensor) and t.device == device for t in batch):
+            return batch
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def train_dataloader(self):
         self._place_features()

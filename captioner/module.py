@@ -69,6 +69,15 @@ class CaptionModule(pl.LightningModule):
             self.log("train/ppl", loss.exp())
         return loss
 
+    def __setattr__(self, name, value):
+        """Lightning sets `_current_fx_name` twice around every hook it calls, some 50 times a step, and a GPU step
+        of this model is bound by host time. It is neither a parameter, a buffer nor a module, so nn.Module's
+        checks of every attribute it sets are skipped for it."""
+        if name == "_current_fx_name":
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def validation_step(self, batch, batch_idx):
         loss, n_tokens = self.loss(batch)
         self.val_loss.update(loss, weight=n_tokens)  # token-weighted, reduced across processes
@@ -125,8 +134,8 @@ def make_scheduler(optimizer, cfg, total_steps: callable) -> dict:
     cfg = dict(cfg or {"name": "none"})
     name, sched = cfg.get("name", "none"), torch.optim.lr_scheduler
     entry = {"name": "train/lr", "interval": "step"}
-    if name == "none":
-        return {**entry, "scheduler": sched.ConstantLR(optimizer, factor=1.0, total_iters=0)}
+    if name == "none":  # stepped once an epoch: it changes nothing, and a step's time counts on a GPU
+        return {**entry, "interval": "epoch", "scheduler": sched.ConstantLR(optimizer, factor=1.0, total_iters=0)}
     if name == "step":  # multiply by gamma every step_size epochs
         return {**entry, "interval": "epoch",
                 "scheduler": sched.StepLR(optimizer, step_size=cfg["step_size"], gamma=cfg["gamma"])}

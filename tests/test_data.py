@@ -64,11 +64,15 @@ def test_batches_are_padded_to_the_longest_caption_with_start_and_end():
     words = np.array([5, 6, 7, 8, 9])
     ds = CaptionBatches(np.zeros((2, 3), np.float16), np.arange(2), words, np.array([0, 3, 5]),
                         np.array([0, 1]), np.array([1, 1]))
-    feats, inputs, targets, real = ds.__getitems__([0, 1])
-    assert feats.dtype == torch.float32 and feats.shape == (2, 3)
-    assert targets.tolist() == [[5, 6, 7, END], [8, 9, END, PAD]]
-    assert inputs.tolist() == [[START, 5, 6, 7], [START, 8, 9, PAD]]
-    assert real.tolist() == [0, 1, 2, 3, 4, 5, 6], "flat positions of the words and <end>, not of the pad"
+    for on_device in (False, True):
+        if on_device:
+            ds.to_device("cpu")  # the resident-data path: the same batch from gathers of device tensors
+        feats, inputs, targets, real = ds.__getitems__([0, 1])
+        assert feats.dtype == torch.float32 and feats.shape == (2, 3)
+        assert targets.tolist() == [[5, 6, 7, END], [8, 9, END, PAD]]
+        assert inputs.tolist() == [[START, 5, 6, 7], [START, 8, 9, PAD]]
+        assert real.tolist() == [0, 1, 2, 3, 4, 5, 6], "flat positions of the words and <end>, not of the pad"
+        assert targets.dtype == inputs.dtype == torch.long
 
 
 def test_vocabulary_keeps_most_frequent_training_words(tmp_path):

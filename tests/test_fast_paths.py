@@ -43,6 +43,14 @@ def test_batches_built_on_the_device_equal_the_host_ones(pad_to):
         assert (inputs[:, 0] == START).all() and not (inputs == END).any()
 
 
+def test_a_batch_already_on_the_device_is_passed_through_and_others_are_moved():
+    dm = CaptionDataModule(datasets={"train": dataset()}, batch_size=4)
+    batch = dataset().__getitems__([0, 1])
+    assert dm.transfer_batch_to_device(batch, torch.device("cpu"), 0) is batch  # no walk, no copies
+    moved = dm.transfer_batch_to_device(batch, torch.device("meta"), 0)
+    assert [t.device.type for t in moved] == ["meta"] * 4 and [t.shape for t in moved] == [t.shape for t in batch]
+
+
 def module(compile=False, cls=CaptionModule):
     torch.manual_seed(0)
     return cls(SPECIALS + [f"w{i}" for i in range(V - 4)], FEAT, preprocess={},
