@@ -123,12 +123,13 @@ def step_timing(batch, device, repeats=20, precision="32", vocab=10000, feature_
         loss_of = lambda: (module.training_step(batch_, 0) if name == "scst" else
                            module.compiled_loss(batch_[:3])[0] if compiled else module.loss(batch_[:4])[0])
 
-        def step():
+        def step(optimize=True):
             opt.zero_grad(set_to_none=True)
             with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16-mixed"):
                 loss = loss_of()
             loss.backward()
-            opt.step()
+            if optimize:
+                opt.step()
 
         for i in range(repeats + 3):  # 3 warm-up steps (and compilation)
             if i == 3:
@@ -141,17 +142,11 @@ def step_timing(batch, device, repeats=20, precision="32", vocab=10000, feature_
         out[f"{name}_step_ms"] = round(1000 * (time.perf_counter() - start) / repeats, 2)
     # what one SCST step dispatches in its GPU form (the re-scoring scores every position, no boolean indexing),
     # whatever the device: a proxy, on a CPU, of its kernel launches and host waits on a GPU
-    # (under the timed steps' autocast: a compiled graph called outside it would be compiled again)
+    # (the timed step under its autocast, since a compiled graph called outside it would be compiled again)
     rescore = scst.caption_nll
     scst.caption_nll = partial(rescore, real_only=False)
-
-    def counted():
-        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16-mixed"):
-            loss = loss_of()
-        loss.backward()  # no optimizer
-
     try:
-        out["scst_aten_ops"], out["scst_gpu_waits"] = dispatched_ops(counted)
+        out["scst_aten_ops"], out["scst_gpu_waits"] = dispatched_ops(lambda: step(optimize=False))
     except RuntimeError as e:  # the profiler around CUDA graphs: keep the timings above
         out["scst_ops_error"] = str(e).splitlines()[0][:200]
     scst.caption_nll = rescore

@@ -26,39 +26,29 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import train_throughput as tt
-from captioner.data import CaptionDataModule
 
 
 def bare_profile(ds, out, steps):
     """Host time and GPU time of bare steps (`steps` per measurement)."""
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    loader = CaptionDataModule(datasets={"train": ds}, batch_size=tt.BS, shuffle=True)._loader("train", True)
-    module = tt.make_module().to(device)
-    opt = module.configure_optimizers()["optimizer"]
+    loader, bare_step = tt.bare_loop(ds)
     batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def step():
-        with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
-            loss = module.loss(next(batches))[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def run(n):
+        for _ in range(n):
+            bare_step(next(batches))
 
-    for _ in range(2 * steps):  # warm-up: allocator, cuDNN plans
-        step()
+    run(2 * steps)  # warm-up: allocator, cuDNN plans
     host = []
     for _ in range(8):
         sync()
         start = time.perf_counter()
-        for _ in range(steps):
-            step()
+        run(steps)
         host.append((time.perf_counter() - start) / steps)
     sync()
     with profile(activities=[ProfilerActivity.CPU] + [ProfilerActivity.CUDA] * cuda) as prof:
-        for _ in range(4 * steps):
-            step()
+        run(4 * steps)
         sync()
     if out:
         (out / "kernels.txt").write_text(prof.key_averages().table(sort_by="device_time_total", row_limit=40))

@@ -110,8 +110,9 @@ def run_captioner(ds, epochs, max_steps, compile=False):
     return cps
 
 
-def run_bare(ds, epochs):
-    """The same loss, batches (assembled on the device on a GPU) and optimizer, in a plain loop."""
+def bare_loop(ds):
+    """The batches (assembled on the device on a GPU) and a step function of the same loss and optimizer as the
+    Trainer run's, for a plain loop: step(batch) -> loss."""
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda and ds.device_ids is None:
@@ -119,15 +120,26 @@ def run_bare(ds, epochs):
     loader = CaptionDataModule(datasets={"train": ds}, batch_size=BS, shuffle=True)._loader("train", True)
     module = make_module().to(device)
     opt = module.configure_optimizers()["optimizer"]  # the Trainer run's: AMSGrad Adam, fused on a GPU
+
+    def step(batch):
+        with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
+            loss = module.loss(batch)[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    return loader, step
+
+
+def run_bare(ds, epochs):
+    """The same loss, batches and optimizer as run_captioner, in a plain loop."""
+    loader, step = bare_loop(ds)
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
         for batch in loader:
-            with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
-                loss = module.loss(batch)[0]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = step(batch)
         float(loss.detach())  # waits for the GPU
         times.append(time.perf_counter() - start)
     timed = times[1:] or times  # the first epoch warms up, as in run_captioner

@@ -117,12 +117,9 @@ def reference_tensor(dataset, max_refs: int = None):
     lengths = offsets[1:] - offsets[:-1]
     L = int(lengths.max()) + 1  # room for <end>
     out = np.zeros((len(start), R, L), dtype=np.int32)
-    ids = np.asarray(dataset.ids)
     for r in range(R):  # a loop over reference slots only; images and words are whole-array
         has = count > r
         caps = start[has] + r
-        begin, n = offsets[caps], lengths[caps]
-        pos = np.arange(L)
-        words = ids[np.minimum(begin[:, None] + pos, len(ids) - 1)]
-        out[np.nonzero(has)[0], r] = np.where(pos < n[:, None], words, np.where(pos == n[:, None], END, PAD))
+        targets = dataset.token_index(offsets[caps], lengths[caps], L)[1]  # words, <end>, then <pad>: as training's
+        out[np.nonzero(has)[0], r] = dataset.host_tokens(targets)
     return torch.from_numpy(out)

@@ -22,7 +22,7 @@ class CaptionBatches(Dataset):
     """One item per image; `__getitems__` builds a whole padded batch at once.
 
     A batch's tokens are indices into the word ids followed by AFTER_IDS, computed on the host from the caption
-    offsets (`_token_index`). After `to_device` (a GPU run with resident features) the word ids live on the device
+    offsets (`token_index`). After `to_device` (a GPU run with resident features) the word ids live on the device
     too, and a batch is assembled there: one small pinned copy of its rows, real positions and token indices, then
     gathers. Its padded length comes from the host-side offsets, so nothing waits for the device.
     """
@@ -54,7 +54,7 @@ class CaptionBatches(Dataset):
         ids = np.concatenate([np.asarray(self.ids, dtype=np.int64), AFTER_IDS])
         self.device_ids = torch.as_tensor(ids).to(device)
 
-    def _token_index(self, begin, lengths, t):
+    def token_index(self, begin, lengths, t):
         """[2, n, t]: where each input and target of a batch comes from in the ids followed by AFTER_IDS: a caption's
         words, then <end>, then <pad>; the inputs are the targets shifted right behind <start>, with <end> (never an
         input) as <pad>."""
@@ -66,6 +66,14 @@ class CaptionBatches(Dataset):
         inputs[:, 1:] = np.where(pos[:-1] < lengths, word[:, :-1], n_ids)
         return np.stack([inputs, targets])
 
+    def host_tokens(self, index):
+        """The tokens at `token_index` positions, gathered on the host from the (possibly memory-mapped) ids."""
+        n_ids = len(self.ids)
+        tokens = np.asarray(self.ids[np.minimum(index, n_ids - 1)], dtype=np.int64)
+        special = index >= n_ids
+        tokens[special] = AFTER_IDS[index[special] - n_ids]
+        return tokens
+
     def __getitems__(self, indices):
         idx = np.asarray(indices)
         rows = self.feat_rows[idx]
@@ -73,18 +81,14 @@ class CaptionBatches(Dataset):
         begin, lengths = self.offsets[caps], self.offsets[caps + 1] - self.offsets[caps]
         t = -(-(int(lengths.max()) + 1) // self.pad_to) * self.pad_to  # longest caption plus <end>, rounded up
         real = np.flatnonzero(np.arange(t) <= lengths[:, None])  # the words and <end> of each row
-        index = self._token_index(begin, lengths, t)
+        index = self.token_index(begin, lengths, t)
         if self.device_ids is not None and isinstance(self.features, torch.Tensor):
             return self._assemble_on_device(rows, index, real)
         if isinstance(self.features, torch.Tensor):
             feats = self.features[torch.from_numpy(rows).to(self.features.device, non_blocking=True)].float()
         else:
             feats = torch.from_numpy(np.asarray(self.features[rows], dtype=np.float32))
-        n_ids = len(self.ids)  # gathered from the (possibly memory-mapped) ids, then the specials put in
-        tokens = np.asarray(self.ids[np.minimum(index, n_ids - 1)], dtype=np.int64)
-        special = index >= n_ids
-        tokens[special] = AFTER_IDS[index[special] - n_ids]
-        inputs, targets = torch.from_numpy(tokens)
+        inputs, targets = torch.from_numpy(self.host_tokens(index))
         return feats, inputs, targets, torch.from_numpy(real)
 
     def _assemble_on_device(self, rows, index, real):
