@@ -6,6 +6,7 @@ captions/s next to benchmarks/train_throughput.py's (the bare Trainer) in the sa
     python benchmarks/cli_loop.py --scale coco       # 118,287 captions (GPU); --bench-cps N skips re-running it
     python benchmarks/cli_loop.py --shapes           # experiment=shapes embeddings=learned: steps/s
     python benchmarks/cli_loop.py -- trainer.precision=32-true   # more captioner.run overrides
+    python benchmarks/cli_loop.py --scale coco -- compile=graphs   # the CUDA-graphed step (and its benchmark)
 
 The synthetic set is written in the COCO layout with its caches (random float16 "ResNet-50" features, token
 arrays of the words w1..w9999 with the benchmark's lengths and Zipf frequencies: train_throughput.caption_arrays)
@@ -150,11 +151,13 @@ def main():
         steps_per_s, epoch_s, _ = rates(tmp / "run")
         bench = a.bench_cps
         if bench is None:
+            compile = [o.split("=", 1)[1] for o in a.overrides if o.startswith("compile=")][-1:]  # the same step
             out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--scale",
-                                  a.scale, "--no-reference"], capture_output=True, text=True, check=True)
+                                  a.scale, "--no-reference", *(["--compile", *compile] if compile else [])],
+                                 capture_output=True, text=True, check=True)
             bench = json.loads(out.stdout.strip().splitlines()[-1])["captions_per_s"]
         cps = steps_per_s * 256
-        result.update(scale=a.scale, captions=n, captions_per_s=round(cps, 1),
+        result.update(scale=a.scale, captions=n, overrides=a.overrides, captions_per_s=round(cps, 1),
                       epoch_captions_per_s=round(n / epoch_s, 1), benchmark_captions_per_s=bench,
                       ratio=round(cps / bench, 3), epoch_ratio=round(n / epoch_s / bench, 3),
                       steps_per_epoch=math.ceil(n / 256))

@@ -5,7 +5,8 @@
 #
 # Run from the repository root on the GPU machine, with these git-ignored folders brought along
 # (data/rehearsal-cache: `python benchmarks/coco_rehearsal.py --stage prepare`, the token cache of the rehearsal):
-#   .whl/    hydra-core, omegaconf, antlr4 wheels (bash ../shared/device/wheels.sh)
+#   .whl/    hydra-core, omegaconf, antlr4 wheels, and pytest's (bash ../shared/device/wheels.sh pytest pluggy
+#            iniconfig pygments)
 #   .bench/  ref_limits.py (cp ../shared/bench/ref_limits.py .bench/), and gpudata/ + gpudata.json
 #            (python benchmarks/gpu_data.py build: the shapes caches, built on a CPU with spaCy)
 #   OUT=/some/folder bash benchmarks/gpu_suite.sh
@@ -36,7 +37,12 @@ step() {  # step NAME SECONDS COMMAND...: log to $OUT/NAME.log, the last line (t
 }
 
 step env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, pytorch_lightning as pl; print(torch.__version__, pl.__version__, torch.cuda.get_device_name())"'
+# compile=graphs: the CUDA-graphed step equals the plain one (tests/test_fast_paths.py), then its speed
+step graphs_test 120 python3 -m pytest -q -p no:cacheprovider tests/test_fast_paths.py -k "gpu or graphed or padded"
 step train 120 python3 benchmarks/train_throughput.py --scale "$SCALE"
+step train_graphs 120 python3 benchmarks/train_throughput.py --scale "$SCALE" --compile graphs
+GRAPHS_CPS=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['captions_per_s'])" "$OUT/train_graphs.json" 2>/dev/null)
+step cli_loop_graphs 150 python3 benchmarks/cli_loop.py --scale "$SCALE" ${CLI_EXTRA:-} ${GRAPHS_CPS:+--bench-cps $GRAPHS_CPS} -- compile=graphs
 if [ -f benchmarks/recipes.py ]; then  # issue 12: one SCST step vs one cross-entropy step at batch 256
   step scst_timing 90 python3 benchmarks/recipes.py --step-timing --batch 256 --device cuda   # bf16, as trainer=gpu
   # compile=reduce-overhead: SCST's sampling loop and reward as CUDA graphs, XE's compiled loss (compiling: ~1-2 min)
@@ -53,6 +59,9 @@ else
   echo "shapes skipped: no .bench/gpudata (python benchmarks/gpu_data.py build)" | tee -a "$OUT/summary.txt"
 fi
 step sync_check 60 python3 benchmarks/sync_check.py --steps 200
+if [ -f .bench/gpudata.json ]; then
+  CAPTIONER_DATA_DIR=/tmp/captioner-gpudata step shapes_graphs 100 python3 benchmarks/cli_loop.py --shapes -- compile=graphs
+fi
 if [ -f benchmarks/recipes.py ]; then
   step scst_timing_fp32 90 python3 benchmarks/recipes.py --step-timing --batch 256 --device cuda --precision 32
 fi
@@ -60,6 +69,7 @@ if [ "$SCALE" = coco ]; then
   step train_compiled 120 python3 benchmarks/train_throughput.py --scale coco --no-reference --compile reduce-overhead
 fi
 step step_profile 90 python3 benchmarks/step_profile.py --out "$OUT/step_profile"  # host vs GPU time of a step
+step step_profile_graphs 90 python3 benchmarks/step_profile.py --out "$OUT/step_profile_graphs" --compile graphs
 if [ -d data/rehearsal-cache ] && [ "$SCALE" = coco ]; then  # issue 11 (resolved): COCO-sized Karpathy rehearsal
   step rehearsal 330 python3 benchmarks/coco_rehearsal.py --out /tmp/rehearsal-out --timeout 240
 fi

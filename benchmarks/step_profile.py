@@ -10,7 +10,7 @@ A step whose host time exceeds its GPU time is bound by the host: then only fewe
 With --out, the Trainer's host profile (cProfile, 2 epochs) and the kernel table go there. Made for a GPU; on a CPU
 (a plumbing check, e.g. --captions 1024 --steps 3) the GPU figures are null.
 
-    python benchmarks/step_profile.py [--out FOLDER]
+    python benchmarks/step_profile.py [--out FOLDER] [--compile graphs]   # the Trainer's step as CUDA graphs
 """
 import argparse
 import cProfile
@@ -66,20 +66,22 @@ def main():
     p.add_argument("--out", type=Path, default=None, help="folder for the cProfile and kernel tables")
     p.add_argument("--captions", type=int, default=tt.BS * 200)
     p.add_argument("--steps", type=int, default=5, help="bare steps per host-time measurement")
+    p.add_argument("--compile", default="false", help="the Trainer run's compile setting (e.g. graphs)")
     a = p.parse_args()
+    compile = tt.compile_setting(a.compile)
     if a.out:
         a.out.mkdir(parents=True, exist_ok=True)
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__}
+              "torch": torch.__version__, "compile": compile}
     with tempfile.TemporaryDirectory() as folder:
         ds = tt.synthetic(a.captions, folder)
-        result["trainer_ms_per_step"] = round(1000 * tt.BS / tt.run_captioner(ds, 3, -1), 3)
+        result["trainer_ms_per_step"] = round(1000 * tt.BS / tt.run_captioner(ds, 3, -1, compile), 3)
         result["bare_ms_per_step"] = round(1000 * tt.BS / tt.run_bare(ds, 3), 3)
         result.update(bare_profile(ds, a.out, a.steps))
         if a.out:
             prof = cProfile.Profile()
             prof.enable()
-            tt.run_captioner(ds, 2, -1)
+            tt.run_captioner(ds, 2, -1, compile)
             prof.disable()
             text = io.StringIO()
             pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(50)

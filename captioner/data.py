@@ -35,6 +35,7 @@ class CaptionBatches(Dataset):
         self.cap_start, self.cap_count = cap_start, cap_count
         self.caption_idx, self.seed = caption_idx, seed
         self.pad_to = 1  # round the padded length up to a multiple of this (few shapes for compiled steps)
+        self.pad_real = False  # pad `real` to a few lengths as well (CUDA-graphed steps: real_length)
         self.device_ids = None
         self.set_epoch(0)
 
@@ -79,8 +80,12 @@ class CaptionBatches(Dataset):
         rows = self.feat_rows[idx]
         caps = self.choice[idx]
         begin, lengths = self.offsets[caps], self.offsets[caps + 1] - self.offsets[caps]
-        t = -(-(int(lengths.max()) + 1) // self.pad_to) * self.pad_to  # longest caption plus <end>, rounded up
+        # the longest caption plus <end>, rounded up; with pad_real, at least one <pad> column, where padded
+        # entries of `real` point (its last position: its target is <pad>, which the loss ignores)
+        t = -(-(int(lengths.max()) + 1 + self.pad_real) // self.pad_to) * self.pad_to
         real = np.flatnonzero(np.arange(t) <= lengths[:, None])  # the words and <end> of each row
+        if self.pad_real:
+            real = np.concatenate([real, np.full(real_length(len(real)) - len(real), len(rows) * t - 1)])
         index = self.token_index(begin, lengths, t)
         if self.device_ids is not None and isinstance(self.features, torch.Tensor):
             return self._assemble_on_device(rows, index, real)
@@ -107,6 +112,13 @@ class CaptionBatches(Dataset):
         return self.__getitems__([i])
 
 
+def real_length(n: int) -> int:
+    """`n` real positions padded to few lengths (steps of 1/16 to 1/8 of n): a CUDA-graphed step is captured once
+    per batch shape, and the number of real tokens differs in almost every batch."""
+    step = 2 ** max(4, n.bit_length() - 4)
+    return -(-n // step) * step
+
+
 def _batch_is_ready(batch):
     return batch
 
@@ -116,16 +128,17 @@ class CaptionDataModule(pl.LightningDataModule):
 
     `datasets` maps a role ('train', 'val') to CaptionBatches; `val_references` maps each validation image id to
     its reference captions and `val_paths` to its file, for captioning validation images during training.
-    `pad_to`: batches padded to a multiple of this length (compiled steps then see few shapes).
+    `pad_to`: batches padded to a multiple of this length (compiled steps then see few shapes); `pad_real`: training
+    batches' real positions padded to few lengths too (CUDA-graphed steps, `compile=graphs`).
     """
 
     def __init__(self, datasets: dict, batch_size=64, shuffle=True, num_workers=0, resident="auto",
-                 val_references=None, val_paths=None, pad_to=1):
+                 val_references=None, val_paths=None, pad_to=1, pad_real=False):
         super().__init__()
         self.datasets, self.batch_size, self.shuffle, self.num_workers = datasets, batch_size, shuffle, num_workers
         self.resident = resident  # features on the GPU: "auto" when they fit comfortably, or true/false
         self.val_references, self.val_paths = val_references or {}, val_paths or {}
-        self.pad_to = pad_to
+        self.pad_to, self.pad_real = pad_to, pad_real
 
     @property
     def feature_dim(self) -> int:
@@ -139,6 +152,7 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def _loader(self, role, shuffle):
         self.datasets[role].pad_to = self.pad_to
+        self.datasets[role].pad_real = self.pad_real and role == "train"
         return DataLoader(self.datasets[role], batch_size=self.batch_size, shuffle=shuffle,
                           collate_fn=_batch_is_ready, num_workers=self.num_workers,
                           persistent_workers=False)  # workers must see set_epoch()

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
 from captioner.decoding import draw
+from captioner.graphs import StepGraphs
 from captioner.model import ShowAndTell, WordEmbedding
 from captioner.utils import CaptionerError
 from captioner.vocab import PAD, Vocabulary
@@ -26,31 +27,33 @@ class CaptionModule(pl.LightningModule):
         self.model = ShowAndTell(feature_dim, len(itos), embedding, hidden_size, num_layers, rnn_type, blind,
                                  dropout)
         self.val_loss = MeanMetric()
-        # opt-in: the loss (model forward + cross-entropy, and so its backward) as a torch.compile graph; true or
-        # a torch.compile mode such as "reduce-overhead" (CUDA graphs). Batches are then padded to few lengths.
-        self.compiled_loss = None
-        if compile:
+        # opt-in: "graphs" replays the loss's forward and backward as CUDA graphs, one per batch shape (StepGraphs);
+        # true or a torch.compile mode ("reduce-overhead", ...) compiles the loss. Batches are then padded to few
+        # lengths.
+        self.compiled_loss = self.step_graphs = None
+        if compile == "graphs":
+            self.step_graphs = StepGraphs(self.model, self.loss)
+        elif compile:
             mode = None if compile is True else str(compile)
             self.compiled_loss = torch.compile(self.loss, mode=mode)
 
     def loss(self, batch):
-        """Mean cross-entropy per real token (and the number of real tokens).
+        """Mean cross-entropy per real token, and the targets it scored (their non-<pad> count is the mean's weight).
 
         The output layer is the step's main cost. With the batch's `real` positions (CaptionBatches computes them on
-        the host) it runs on the real tokens only, and nothing waits for the device. Without them, as in a compiled
-        loss, which needs fixed shapes, every position is scored and the pads are ignored."""
+        the host) it runs on the real tokens only, and nothing waits for the device; padded entries of `real` (a
+        graphed step's fixed shapes) point at a <pad> target, which is ignored. Without them, as in a compiled loss,
+        which needs fixed shapes, every position is scored and the pads are ignored."""
         features, inputs, targets = batch[:3]
         hidden, _ = self.model(features, inputs)
         if len(batch) > 3:
             real = batch[3]
             logits = self.model.out(hidden.flatten(0, 1).index_select(0, real))
             targets = targets.flatten().index_select(0, real)
-            n_tokens = real.numel()
         else:
             logits, targets = self.model.out(hidden).flatten(0, 1), targets.flatten()
-            n_tokens = (targets != PAD).sum()
         smoothing = self.hparams.label_smoothing if self.training else 0.0  # val/loss stays the plain cross-entropy
-        return (F.cross_entropy(logits.float(), targets, ignore_index=PAD, label_smoothing=smoothing), n_tokens)
+        return F.cross_entropy(logits.float(), targets, ignore_index=PAD, label_smoothing=smoothing), targets
 
     def training_step(self, batch, batch_idx):
         p = self.sampling_probability()
@@ -58,6 +61,8 @@ class CaptionModule(pl.LightningModule):
             loss = self.scheduled_sampling_loss(batch, p)
         elif self.compiled_loss is not None:  # fixed shapes: not the real positions, whose count varies
             loss = self.compiled_loss(batch[:3])[0]
+        elif self.step_graphs is not None:
+            loss = self.step_graphs(batch)
         else:
             loss = self.loss(batch)[0]
         # on intervals only: a logged value is read back (a device sync) when loggers or the progress bar use it
@@ -65,8 +70,9 @@ class CaptionModule(pl.LightningModule):
         if step % trainer.log_every_n_steps == 0 or step == 1 or trainer.is_last_batch or step == trainer.max_steps:
             # not prog_bar: Lightning converts every progress-bar value to a number after each batch, a device
             # sync per step; the progress bar (monitor.LossProgressBar) reads it only when it refreshes
-            self.log("train/loss", loss)
-            self.log("train/ppl", loss.exp())
+            logged = loss if self.step_graphs is None else loss.detach().clone()  # replays overwrite a graph output
+            self.log("train/loss", logged)
+            self.log("train/ppl", logged.exp())
         return loss
 
     def __setattr__(self, name, value):
@@ -78,9 +84,13 @@ class CaptionModule(pl.LightningModule):
         else:
             super().__setattr__(name, value)
 
+    def setup(self, stage):
+        if self.step_graphs is not None:
+            self.step_graphs.accumulate = self.trainer.accumulate_grad_batches > 1
+
     def validation_step(self, batch, batch_idx):
-        loss, n_tokens = self.loss(batch)
-        self.val_loss.update(loss, weight=n_tokens)  # token-weighted, reduced across processes
+        loss, targets = self.loss(batch)
+        self.val_loss.update(loss, weight=(targets != PAD).sum())  # token-weighted, reduced across processes
 
     def on_validation_epoch_end(self):
         loss = self.val_loss.compute()
@@ -121,7 +131,8 @@ class CaptionModule(pl.LightningModule):
             logits.append(step_logits)
         real = batch[3] if len(batch) > 3 else (targets.flatten() != PAD).nonzero().view(-1)
         return F.cross_entropy(torch.stack(logits, 1).flatten(0, 1).index_select(0, real).float(),
-                               targets.flatten().index_select(0, real), label_smoothing=self.hparams.label_smoothing)
+                               targets.flatten().index_select(0, real), ignore_index=PAD,  # padded `real` entries
+                               label_smoothing=self.hparams.label_smoothing)
 
     def on_train_epoch_start(self):
         if (self.hparams.scheduled_sampling or {}).get("max_prob"):

@@ -28,7 +28,8 @@ from captioner.scst import SCSTModule
 from captioner.utils import METRICS_FILE, CaptionerError, atomic_write_text
 
 log = logging.getLogger("captioner")
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+# torch.compile's modes, and graphs: the loss's forward and backward as CUDA graphs (captioner.graphs)
+COMPILE_MODES = ("graphs", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -55,7 +56,7 @@ def build(cfg: DictConfig, nlp=None):
     dm = CaptionDataModule(prepared.datasets(vocab, cfg.caption_idx, cfg.seed), cfg.batch_size, cfg.shuffle,
                            cfg.data.num_workers, cfg.data.resident, val_references=dict(zip(val.image_ids, val.captions)),
                            val_paths={i: val.image_dir / f for i, f in zip(val.image_ids, val.files)},
-                           pad_to=8 if cfg.get("compile") else 1)
+                           pad_to=8 if cfg.get("compile") else 1, pad_real=cfg.get("compile") == "graphs")
     optimizer = OmegaConf.to_container(cfg.optimizers[cfg.optimizer], resolve=True)
     if cfg.weight_decay is not None:
         optimizer["weight_decay"] = float(cfg.weight_decay)
@@ -122,6 +123,9 @@ def train(cfg: DictConfig) -> float:
     logger = hydra.utils.instantiate(cfg.logger) if cfg.get("logger") and cfg.logger.get("_target_") else False
     steps = dict(max_steps=cfg.iterations, max_epochs=-1) if cfg.iterations > 0 else dict(max_epochs=cfg.epochs)
     trainer = hydra.utils.instantiate(cfg.trainer, callbacks=build_callbacks(cfg, logger), logger=logger, **steps)
+    if cfg.get("compile") == "graphs" and trainer.num_devices * trainer.num_nodes > 1:
+        raise CaptionerError(f"compile=graphs captures the training step on one device, not "
+                             f"{trainer.num_devices * trainer.num_nodes}; use compile=false with DDP.")
     if logger:
         logger.log_hyperparams({k: v for k, v in module.hparams.config.items() if not isinstance(v, dict)})
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)  # checked safe above

@@ -124,7 +124,8 @@ class SCSTModule(CaptionModule):
         self.references = refs.to(self.device)
         self.sampler, self.reward = sample, self.cider
         if self.hparams.compile:
-            mode = None if self.hparams.compile is True else str(self.hparams.compile)
+            # "graphs" (CUDA graphs of the cross-entropy step) is, for this step, torch.compile's CUDA graphs
+            mode = {True: None, "graphs": "reduce-overhead"}.get(self.hparams.compile, str(self.hparams.compile))
             self.model.layer_weights = self.model.rnn.all_weights  # the RNN's current Parameter objects
             # all max_len words, with no early stop (the check would wait for the device and break the graph)
             self.sampler = compiled(partial(sample, check_every=0), mode)

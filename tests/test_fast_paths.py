@@ -1,13 +1,14 @@
 """The GPU speed paths give the results of the plain ones: batches assembled on the device, the fixed-shape
-(ignore-the-pads) loss, logging on intervals and the opt-in compiled step. Checked on the CPU, where the device
-path runs on CPU tensors and torch.compile uses its CPU backend."""
+(ignore-the-pads) loss, logging on intervals, the opt-in compiled step and CUDA-graphed steps. Checked on the CPU,
+where the device path runs on CPU tensors and torch.compile uses its CPU backend; the CUDA graphs themselves only
+where there is a GPU (benchmarks/gpu_suite.sh runs those tests on the GPU machine)."""
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from captioner.data import CaptionBatches, CaptionDataModule
+from captioner.data import CaptionBatches, CaptionDataModule, real_length
 from captioner.module import CaptionModule
 from captioner.vocab import END, PAD, SPECIALS, START, Vocabulary
 
@@ -65,7 +66,7 @@ class PlainLoss(CaptionModule):
         features, inputs, targets = batch[:3]
         hidden, _ = self.model(features, inputs)
         mask = targets != PAD
-        return F.cross_entropy(self.model.out(hidden[mask]).float(), targets[mask]), mask.sum()
+        return F.cross_entropy(self.model.out(hidden[mask]).float(), targets[mask]), targets[mask]
 
     def training_step(self, batch, batch_idx):
         loss, _ = self.loss(batch)
@@ -73,15 +74,15 @@ class PlainLoss(CaptionModule):
         return loss
 
 
-def fit(m, steps, ds, pad_to=1, on_device=False):
+def fit(m, steps, ds, pad_to=1, on_device=False, pad_real=False, accelerator="cpu", **trainer_args):
     if on_device:
-        ds.to_device("cpu")
+        ds.to_device(accelerator)
     dm = CaptionDataModule(datasets={"train": ds, "val": ds}, batch_size=16,
-                           shuffle=True, pad_to=pad_to)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=steps, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=3,
-                         num_sanity_val_steps=0, val_check_interval=steps, check_val_every_n_epoch=None,
-                         deterministic=True)
+                           shuffle=True, pad_to=pad_to, pad_real=pad_real)
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, max_steps=steps, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         log_every_n_steps=3, num_sanity_val_steps=0, val_check_interval=steps,
+                         check_val_every_n_epoch=None, **{"deterministic": True, **trainer_args})
     pl.seed_everything(0)
     trainer.fit(m, datamodule=dm)
     return trainer
@@ -134,11 +135,79 @@ def test_compile_setting_is_checked_and_the_progress_bar_refreshes_less_on_a_gpu
     from captioner.run import progress_rate, train
     from captioner.utils import CaptionerError
 
-    with pytest.raises(CaptionerError, match="compile=fast is not one of false, true, default, reduce-overhead"):
+    with pytest.raises(CaptionerError, match="compile=fast is not one of false, true, graphs, default, reduce-ov"):
         train(cfg_factory("compile=fast"))
     assert progress_rate(cfg_factory("trainer=gpu")) == 50
     assert progress_rate(cfg_factory("trainer=cpu")) == 1
     assert cfg_factory().compile is False and cfg_factory("compile=reduce-overhead").compile == "reduce-overhead"
+    with pytest.raises(CaptionerError, match="compile=graphs captures the training step on one device, not 2"):
+        train(cfg_factory("compile=graphs", "trainer=ddp_cpu", "trainer.devices=2"))
+
+
+@pytest.mark.parametrize("pad_to", [1, 8])
+def test_padded_real_positions_point_at_a_pad_and_leave_the_loss_as_it_is(pad_to):
+    """pad_real (compile=graphs): real positions padded to few counts, the padding pointing at a <pad> target,
+    which the loss ignores, also with label smoothing and in scheduled sampling's loss. The batch keeps at least
+    one <pad> column for it."""
+    plain, padded = dataset(max_words=7), dataset(max_words=7)
+    padded.to_device("cpu")
+    for ds in (plain, padded):
+        ds.pad_to = pad_to
+    padded.pad_real = True
+    m = module()
+    m.hparams.label_smoothing = 0.1
+    padded_some = False
+    for rows in ([5, 0, 63, 17], list(range(64)), [9], list(range(0, 64, 3))):
+        a, b = plain.__getitems__(rows), padded.__getitems__(rows)
+        n, t = len(a[3]), b[2].shape[1]
+        assert len(b[3]) == real_length(n) and torch.equal(b[3][:n], (b[2].flatten() != PAD).nonzero().view(-1))
+        assert (b[2].flatten()[b[3][n:]] == PAD).all() and (b[2][:, -1] == PAD).all() and t % pad_to == 0
+        padded_some |= len(b[3]) > n
+        for training in (True, False):  # smoothed (training) and plain (validation) cross-entropy
+            m.train(training)
+            loss_a, targets_a = m.loss(a)
+            loss_b, targets_b = m.loss(b)
+            assert torch.allclose(loss_a, loss_b, atol=1e-6)
+            assert (targets_a != PAD).sum() == (targets_b != PAD).sum() == n  # validation's weight
+        m.train()
+        assert torch.allclose(m.scheduled_sampling_loss(b, 0.0), m.loss(a)[0], atol=1e-5)  # p=0: teacher forcing
+    assert padded_some
+    assert [real_length(n) for n in (1, 16, 17, 100, 3200, 3328, 3329)] == [16, 16, 32, 112, 3328, 3328, 3584]
+
+
+def test_graphed_setting_trains_as_the_plain_step_without_a_gpu():
+    """compile=graphs off a GPU: the loss runs as it is, on the padded batches, with the plain step's results."""
+    plain = fit(module(), 10, dataset(), on_device=True)
+    graphed_module = module(compile="graphs")
+    graphed = fit(graphed_module, 10, dataset(), pad_to=8, on_device=True, pad_real=True)
+    assert graphed_module.step_graphs is not None and not graphed_module.step_graphs.graphs  # none on a CPU
+    for a, b in zip(plain.lightning_module.parameters(), graphed.lightning_module.parameters()):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert abs(float(plain.callback_metrics["val/loss"]) - float(graphed.callback_metrics["val/loss"])) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA GPU; benchmarks/gpu_suite.sh "
+                                                            "runs this on the GPU machine")
+@pytest.mark.parametrize("precision, accumulate", [("32-true", 1), ("bf16-mixed", 1), ("32-true", 2)])
+def test_graphed_steps_equal_the_plain_ones_on_a_gpu(precision, accumulate):
+    """compile=graphs on a GPU: the loss's forward and backward replayed as CUDA graphs, one per batch shape, give
+    the plain step's weights and val/loss (also accumulating gradients, which a replay must not overwrite), with
+    gradient clipping and label smoothing on; and the logged loss is the step's, not a later replay's."""
+    runs = []
+    for compile in (False, "graphs"):
+        m = module(compile=compile)
+        m.hparams.label_smoothing = 0.1
+        trainer = fit(m, 24, dataset(), pad_to=8, on_device=True, pad_real=True, accelerator="cuda",
+                      precision=precision, accumulate_grad_batches=accumulate, gradient_clip_val=0.5,
+                      deterministic=False)
+        runs.append((m, trainer))
+    (plain, plain_trainer), (graphed, graphed_trainer) = runs
+    assert 1 <= len(graphed.step_graphs.graphs) < 24, "one graph per batch shape, replayed by later batches"
+    atol = 1e-4 if precision == "32-true" else 2e-2
+    for a, b in zip(plain.parameters(), graphed.parameters()):
+        assert torch.allclose(a, b, atol=atol)
+    for key in ("val/loss", "train/loss"):
+        assert abs(float(plain_trainer.callback_metrics[key]) - float(graphed_trainer.callback_metrics[key])) < atol
 
 
 def test_a_resumed_run_draws_the_captions_of_its_epoch_also_with_workers(tmp_path):

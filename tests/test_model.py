@@ -119,9 +119,9 @@ def test_loss_on_real_tokens_equals_padded_cross_entropy():
     inputs = torch.cat([torch.full((3, 1), START), targets[:, :-1]], 1)
     inputs[inputs == END] = PAD
     real = torch.tensor([0, 1, 2, 3, 4, 5, 8, 9, 10])  # the flat positions of the real targets
-    loss, n = m.loss((feats, inputs, targets, real))
+    loss, scored = m.loss((feats, inputs, targets, real))
     hidden, _ = m.model(feats, inputs)
     full = torch.nn.functional.cross_entropy(m.model.out(hidden).transpose(1, 2), targets, ignore_index=PAD)
-    assert n == 9 and torch.allclose(loss, full)
-    fixed, n = m.loss((feats, inputs, targets))  # no positions given (a compiled loss): every one, pads ignored
-    assert int(n) == 9 and torch.allclose(fixed, full)
+    assert torch.equal(scored, targets.flatten()[real]) and torch.allclose(loss, full)
+    fixed, scored = m.loss((feats, inputs, targets))  # no positions given (a compiled loss): every one, pads ignored
+    assert int((scored != PAD).sum()) == 9 and torch.allclose(fixed, full)
