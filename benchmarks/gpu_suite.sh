@@ -25,6 +25,10 @@ export PYTHONUNBUFFERED=1
 export CAPTIONER_REF=${CAPTIONER_REF:-$PWD/.bench/ref_limits.py}
 ln -sfn ../conf captioner/conf
 
+cps() {  # cps NAME: captions/s from the JSON line of step NAME (empty if it failed)
+  python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['captions_per_s'])" "$OUT/$1.json" 2>/dev/null
+}
+
 step() {  # step NAME SECONDS COMMAND...: log to $OUT/NAME.log, the last line (the JSON) to $OUT/NAME.json
   local name=$1 limit=$2
   shift 2
@@ -41,7 +45,7 @@ step env 30 bash -c 'nvidia-smi -L; python3 -c "import torch, pytorch_lightning 
 step graphs_test 120 python3 -m pytest -q -p no:cacheprovider tests/test_fast_paths.py -k "gpu or graphed or padded"
 step train 120 python3 benchmarks/train_throughput.py --scale "$SCALE"
 step train_graphs 120 python3 benchmarks/train_throughput.py --scale "$SCALE" --compile graphs
-GRAPHS_CPS=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['captions_per_s'])" "$OUT/train_graphs.json" 2>/dev/null)
+GRAPHS_CPS=$(cps train_graphs)
 step cli_loop_graphs 150 python3 benchmarks/cli_loop.py --scale "$SCALE" ${CLI_EXTRA:-} ${GRAPHS_CPS:+--bench-cps $GRAPHS_CPS} -- compile=graphs
 if [ -f benchmarks/recipes.py ]; then  # issue 12: one SCST step vs one cross-entropy step at batch 256
   step scst_timing 90 python3 benchmarks/recipes.py --step-timing --batch 256 --device cuda   # bf16, as trainer=gpu
@@ -49,7 +53,7 @@ if [ -f benchmarks/recipes.py ]; then  # issue 12: one SCST step vs one cross-en
   step scst_timing_graphs 200 python3 benchmarks/recipes.py --step-timing --batch 256 --device cuda --compile reduce-overhead
 fi
 step beam 90 python3 benchmarks/beam_search.py --repeats 3
-BENCH=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['captions_per_s'])" "$OUT/train.json" 2>/dev/null)
+BENCH=$(cps train)
 step cli_loop 150 python3 benchmarks/cli_loop.py --scale "$SCALE" ${CLI_EXTRA:-} ${BENCH:+--bench-cps $BENCH}
 step train_bare 150 python3 benchmarks/train_throughput.py --scale "$SCALE" --bare --no-reference  # what the Trainer costs
 if [ -f .bench/gpudata.json ]; then

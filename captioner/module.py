@@ -34,8 +34,7 @@ class CaptionModule(pl.LightningModule):
         if compile == "graphs":
             self.step_graphs = StepGraphs(self.model, self.loss)
         elif compile:
-            mode = None if compile is True else str(compile)
-            self.compiled_loss = torch.compile(self.loss, mode=mode)
+            self.compiled_loss = torch.compile(self.loss, mode=compile_mode(compile))
 
     def loss(self, batch):
         """Mean cross-entropy per real token, and the targets it scored (their non-<pad> count is the mean's weight).
@@ -137,6 +136,12 @@ class CaptionModule(pl.LightningModule):
     def on_train_epoch_start(self):
         if (self.hparams.scheduled_sampling or {}).get("max_prob"):
             self.log("train/ss_prob", self.sampling_probability())
+
+
+def compile_mode(compile):
+    """The torch.compile mode of a `compile` setting: true is torch's default; "graphs" (the cross-entropy step as
+    CUDA graphs, StepGraphs) is torch.compile's CUDA graphs where a step is compiled instead (SCST)."""
+    return {True: None, "graphs": "reduce-overhead"}.get(compile, str(compile))
 
 
 def make_scheduler(optimizer, cfg, total_steps: callable) -> dict:

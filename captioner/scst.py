@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from captioner.cider import CiderD, reference_tensor
 from captioner.decoding import beam_search, sample
-from captioner.module import CaptionModule
+from captioner.module import CaptionModule, compile_mode
 from captioner.vocab import PAD, START
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,7 @@ class SCSTModule(CaptionModule):
         self.references = refs.to(self.device)
         self.sampler, self.reward = sample, self.cider
         if self.hparams.compile:
-            # "graphs" (CUDA graphs of the cross-entropy step) is, for this step, torch.compile's CUDA graphs
-            mode = {True: None, "graphs": "reduce-overhead"}.get(self.hparams.compile, str(self.hparams.compile))
+            mode = compile_mode(self.hparams.compile)
             self.model.layer_weights = self.model.rnn.all_weights  # the RNN's current Parameter objects
             # all max_len words, with no early stop (the check would wait for the device and break the graph)
             self.sampler = compiled(partial(sample, check_every=0), mode)
