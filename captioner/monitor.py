@@ -36,14 +36,29 @@ def last_validation(trainer) -> bool:
 
 
 class ValidateLastStep(Callback):
-    """A run of `iterations` steps validates at its last step, wherever that falls in an epoch. Lightning
-    validates at epoch ends (or every val_check_interval batches) and stops at max_steps without validating, so
-    a run that ends inside an epoch would report, and keep as best.ckpt, an earlier epoch's model. Asking the
-    loop to stop at max_steps makes it validate first (the path early stopping takes)."""
+    """The run's last step is validated, so what it reports (metrics.json, the log line, best.ckpt) is the model it
+    ends with. Lightning would skip it in two cases: a run of `iterations` steps stops at max_steps without
+    validating when that falls inside an epoch, and with check_val_every_n_epoch > 1 only those epochs validate.
+    So the epoch holding the last step validates as with check_val_every_n_epoch=1 (as Lightning's fast_dev_run
+    sets it), and the loop is asked to stop at max_steps, which makes it validate first (early stopping's path)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        every = trainer.check_val_every_n_epoch
+        if every is not None and every > 1 and holds_last_step(trainer):
+            trainer.check_val_every_n_epoch = 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if at_last_step(trainer):
             trainer.should_stop = True
+
+
+def holds_last_step(trainer) -> bool:
+    """Whether the epoch starting now is the run's last: by max_epochs, or by max_steps (an optimizer step every
+    accumulate_grad_batches batches, and at the epoch's end)."""
+    if (trainer.max_epochs or 0) > 0 and trainer.current_epoch + 1 >= trainer.max_epochs:
+        return True
+    steps = trainer.num_training_batches / trainer.accumulate_grad_batches
+    return (trainer.max_steps or 0) > 0 and trainer.global_step + steps > trainer.max_steps - 1
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -54,12 +54,15 @@ def test_other_rnn_types_train_with_two_layers(cfg_factory, rnn_type):
     assert train(cfg) > 1.0
 
 
-@pytest.mark.parametrize("iterations, validated_at", [(2, [2]), (5, [3, 5])])
-def test_a_run_that_ends_inside_an_epoch_validates_at_its_last_step(cfg_factory, iterations, validated_at):
+@pytest.mark.parametrize("length, validated_at", [
+    ("iterations=2", [2]), ("iterations=5", [3, 5]),
+    ("iterations=5 trainer.check_val_every_n_epoch=3", [5]), ("epochs=3 trainer.check_val_every_n_epoch=2", [6, 9])])
+def test_a_run_validates_at_its_last_step(cfg_factory, length, validated_at):
     """The smoke set has 3 steps per epoch: iterations=2 stops inside the first epoch, iterations=5 inside the
     second. Either way the last step is validated (with captions: val/CIDEr), reported and compared for
-    best.ckpt; before, the run reported the last epoch end's model, or nothing."""
-    cfg = cfg_factory(f"iterations={iterations}", "eval_every=100", "eval_max_images=8", run="short")
+    best.ckpt; before, the run reported the last epoch end's model, or nothing. So is the last epoch when
+    check_val_every_n_epoch skips it (before, a run reported the model of its last validation epoch)."""
+    cfg = cfg_factory(*length.split(), "eval_every=100", "eval_max_images=8", run="short")
     assert train(cfg) > 1
     run_dir = Path(cfg.paths.run_dir)
     assert json.loads((run_dir / "history.json").read_text())["val_iterations"] == validated_at
