@@ -64,13 +64,26 @@ def holds_last_step(trainer) -> bool:
 class BestCheckpoint(ModelCheckpoint):
     """ModelCheckpoint for best.ckpt. Its own schedule (`every_n_epochs`, set to eval_every for an evaluation
     metric) misses the extra evaluation of the last epoch, so that one is compared here too (before the parent's
-    hook, which then sees this step saved and does nothing)."""
+    hook, which then sees this step saved and does nothing).
+
+    A run resumed from a checkpoint saved by its last step's validation, at an epoch's end, first finishes that
+    epoch again: Lightning calls the epoch-end hooks before any validation of the new process. That epoch end was
+    compared and saved already, and its val/loss is not among the new process's metrics, so it is skipped (the
+    parent would only warn that the monitored key is missing)."""
+
+    resumed_at = None  # the global step a run starts (or resumes) at
 
     @property
     def state_key(self) -> str:  # ModelCheckpoint's, so runs saved before this class resume with their best score
         return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
 
+    def on_train_start(self, trainer, pl_module):
+        self.resumed_at = trainer.global_step
+        super().on_train_start(trainer, pl_module)
+
     def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.global_step == self.resumed_at and self.monitor not in trainer.callback_metrics:
+            return
         if self._should_save_on_train_epoch_end(trainer):  # validation ran at the end of the epoch: save now
             self._compare_last_evaluation(trainer)
         super().on_train_epoch_end(trainer, pl_module)
