@@ -49,29 +49,27 @@ class StepGraphs:
         self.told = False
 
     def __call__(self, batch):
-        if batch[0].device.type != "cuda" and not self.told:
-            log.info("compile=graphs: no CUDA device, so the training step runs as it is.")
-            self.told = True
-        key = (*(tuple(t.shape) for t in batch), autocast_state())
-        if not self.graphed(batch, key):
+        if batch[0].device.type != "cuda":
+            if not self.told:
+                log.info("compile=graphs: no CUDA device, so the training step runs as it is.")
+                self.told = True
             return self.loss(batch)[0]
+        if len(batch) < 4:  # no real positions: not a CaptionBatches batch, whose shapes the graphs are for
+            return self.loss(batch)[0]
+        self.rows = max(self.rows, len(batch[0]))
+        if len(batch[0]) < self.rows:  # an epoch's last, smaller batch: its shapes change from epoch to epoch
+            return self.loss(batch)[0]
+        key = (*(tuple(t.shape) for t in batch), autocast_state())
         graphed = self.graphs.get(key)
         if graphed is None:
+            if len(self.graphs) >= MAX_GRAPHS:
+                return self.loss(batch)[0]
             graphed = self.graphs[key] = self.capture(batch)
             log.info("Captured the training step as CUDA graph %d, for batches of shape %s.", len(self.graphs),
                      [tuple(t.shape) for t in batch])
         if self.accumulate:
             self.own_gradients()
         return graphed(*batch)
-
-    def graphed(self, batch, key) -> bool:
-        """Whether a batch runs as a graph: a CaptionBatches batch (with real positions, the shapes graphs are
-        for) on a CUDA device, with as many rows as the largest so far (an epoch's last, smaller batch changes
-        shape every epoch), whose shapes have a graph or may get one (fewer than MAX_GRAPHS so far)."""
-        if batch[0].device.type != "cuda" or len(batch) < 4:
-            return False
-        self.rows = max(self.rows, len(batch[0]))
-        return len(batch[0]) == self.rows and (key in self.graphs or len(self.graphs) < MAX_GRAPHS)
 
     def capture(self, batch):
         # make_graphed_callables refuses autocast's weight cache (a graph must not keep the casts of a step)

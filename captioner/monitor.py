@@ -53,12 +53,11 @@ class ValidateLastStep(Callback):
 
 
 def holds_last_step(trainer) -> bool:
-    """Whether the epoch starting now is the run's last: by max_epochs, or by max_steps (an optimizer step every
-    accumulate_grad_batches batches, and at the epoch's end)."""
-    if (trainer.max_epochs or 0) > 0 and trainer.current_epoch + 1 >= trainer.max_epochs:
-        return True
+    """Whether the epoch starting now holds the run's last step: the last epoch (last_validation), or the one in
+    which max_steps falls (an optimizer step every accumulate_grad_batches batches, and at the epoch's end)."""
     steps = trainer.num_training_batches / trainer.accumulate_grad_batches
-    return (trainer.max_steps or 0) > 0 and trainer.global_step + steps > trainer.max_steps - 1
+    return last_validation(trainer) or ((trainer.max_steps or 0) > 0
+                                        and trainer.global_step + steps > trainer.max_steps - 1)
 
 
 class BestCheckpoint(ModelCheckpoint):

@@ -10,7 +10,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-
 from pytorch_lightning.callbacks import model_checkpoint
 
 from captioner.checkpoint import load_checkpoint
