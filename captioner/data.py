@@ -128,8 +128,9 @@ class CaptionDataModule(pl.LightningDataModule):
 
     `datasets` maps a role ('train', 'val') to CaptionBatches; `val_references` maps each validation image id to
     its reference captions and `val_paths` to its file, for captioning validation images during training.
-    `pad_to`: batches padded to a multiple of this length (compiled steps then see few shapes); `pad_real`: training
-    batches' real positions padded to few lengths too (CUDA-graphed steps, `compile=graphs`).
+    `pad_to`: batches padded to a multiple of this length (compiled steps then see few shapes); `pad_real`: real
+    positions padded to few counts too (CUDA-graphed steps, `compile=graphs`). Both apply to every role: the padding
+    is ignored by the loss, and one dataset may serve several roles (benchmarks and tests use one for train and val).
     """
 
     def __init__(self, datasets: dict, batch_size=64, shuffle=True, num_workers=0, resident="auto",
@@ -152,7 +153,7 @@ class CaptionDataModule(pl.LightningDataModule):
 
     def _loader(self, role, shuffle):
         self.datasets[role].pad_to = self.pad_to
-        self.datasets[role].pad_real = self.pad_real and role == "train"
+        self.datasets[role].pad_real = self.pad_real
         return DataLoader(self.datasets[role], batch_size=self.batch_size, shuffle=shuffle,
                           collate_fn=_batch_is_ready, num_workers=self.num_workers,
                           persistent_workers=False)  # workers must see set_epoch()
