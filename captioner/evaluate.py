@@ -1,11 +1,12 @@
 """Score captions the COCO way (BLEU, METEOR, ROUGE-L, CIDEr, SPICE when installed).
 
     python -m captioner.evaluate results=preds.json annotations=captions_val2017.json output=metrics.json
-    python -m captioner.evaluate ckpt_path=run/checkpoints/last.ckpt data=coco data.root=... split=val2017
+    python -m captioner.evaluate ckpt_path=run/checkpoints/last.ckpt split=val   # [data=coco data.root=...]
 
 The first scores an existing COCO results file. The second captions every image of a split with a checkpoint
-and writes the COCO results file and the metrics into output_dir (default: <run_dir>/eval/). Any split of any data
-config: `data=karpathy_coco split=test`, `data=coco split=val2017`, a role of data.splits. The split's cached
+and writes the COCO results file and the metrics into output_dir (default: <run_dir>/eval/). The split is one of
+the data the checkpoint was trained on unless `data=` names another: a role of data.splits (`split=val`), a
+Karpathy split (`data=karpathy_coco split=test`), a COCO split folder (`data=coco split=val2017`). The split's cached
 features for the checkpoint's encoder and preprocessing are used (extracted once when missing), so a second
 evaluation costs decoding only. Overrides are those of conf/evaluate.yaml.
 """
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from captioner import checks
 from captioner.cli import compose_config, one_line_errors
@@ -152,9 +154,44 @@ def default_output_dir(ckpt_path: Path) -> Path:
     return (parent.parent if parent.name == "checkpoints" else parent) / "eval"
 
 
+def compose_evaluate(overrides):
+    """The evaluate config. In checkpoint mode without a `data=` choice, `data` is the config the checkpoint was
+    trained on (its dataset, root and splits, as recorded in it), with any `data.key=value` overrides applied."""
+    overrides = list(overrides)
+    if any(o.split("=")[0].lstrip("+") == "data" for o in overrides):
+        return compose_config("evaluate", overrides)
+    own = {o.split("=")[0][len("data."):]: o for o in overrides if o.startswith("data.")}  # applied below
+    cfg = compose_config("evaluate", [o for o in overrides if o not in own.values()])
+    if cfg.results is not None:
+        return compose_config("evaluate", overrides)
+    from captioner.checkpoint import load_checkpoint
+    from captioner.inference import resolve_checkpoint
+
+    path = resolve_checkpoint(cfg.ckpt_path)
+    data = (load_checkpoint(path)["hyper_parameters"].get("config") or {}).get("data")
+    if not data:  # a checkpoint that does not record its data: the default of conf/evaluate.yaml
+        return compose_config("evaluate", overrides)
+    data = OmegaConf.create(data)  # resolved when saved: Karpathy's split_file is a path under the old root
+    old_root = str(data.root)
+    OmegaConf.set_struct(data, True)  # a misspelt data.key is an error, as with data=<config>
+    for key, override in own.items():
+        try:
+            data.merge_with(OmegaConf.from_dotlist([override[len("data."):]]))
+        except OmegaConfBaseException:
+            raise CaptionerError(f"{override}: there is no such key in the data {path} was trained on (its keys: "
+                                 f"{', '.join(data)}); check its spelling.") from None
+    for key, value in data.items():  # a new data.root moves the paths that were under the old one
+        if isinstance(value, str) and value.startswith(f"{old_root}/") and key not in own:
+            data[key] = f"{data.root}{value[len(old_root):]}"
+    cfg.data = data
+    log.info("Evaluating on %s at %s, the data %s was trained on (data=<config> chooses another).",
+             data.get("name"), data.root, path)
+    return cfg
+
+
 @one_line_errors
 def main(argv=None):
-    cfg = compose_config("evaluate", sys.argv[1:] if argv is None else argv)
+    cfg = compose_evaluate(sys.argv[1:] if argv is None else argv)
     checks.check_evaluate(cfg)  # every key, and that the outputs can be written, before any work
     if cfg.results:
         if not cfg.annotations:

@@ -3,10 +3,11 @@ import logging
 import shutil
 
 import pytest
+import torch
 
 from captioner import metrics
 from captioner.coco import load_split
-from captioner.evaluate import main, read_references
+from captioner.evaluate import compose_evaluate, main, read_references
 from conftest import require_coco_mini
 
 METRICS = ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"]
@@ -138,3 +139,27 @@ def test_cli_captions_a_split_and_scores_it(trained, tmp_path, capsys):
     rescored = tmp_path / "rescored.json"
     main([f"results={report['results']}", f"annotations={report['annotations']}", f"output={rescored}"])
     assert json.loads(rescored.read_text())["metrics"] == report["metrics"]
+
+
+def test_checkpoint_mode_uses_the_data_the_checkpoint_was_trained_on(trained, tmp_path):
+    ckpt, data = f"ckpt_path={trained['ckpt']}", trained["cfg"].data
+    cfg = compose_evaluate([ckpt, "split=val"])
+    assert (cfg.data.name, cfg.data.root, cfg.data.splits.val) == ("shapes", data.root, "val2017")
+    assert cfg.data.generate.val2017 == data.generate.val2017 == 32  # experiment=smoke's, not conf/data/shapes'
+    # data.key=value changes the recorded config; a new root carries the paths that were under the old one
+    moved = compose_evaluate([ckpt, f"data.root={tmp_path}", "data.splits.val=train2017"])
+    assert (moved.data.root, moved.data.splits.val, moved.data.name) == (str(tmp_path), "train2017", "shapes")
+    karpathy = torch.load(trained["ckpt"], weights_only=True)  # a Karpathy run records its resolved split_file
+    karpathy["hyper_parameters"]["config"]["data"]["split_file"] = f"{data.root}/caption_datasets/dataset_coco.json"
+    torch.save(karpathy, tmp_path / "karpathy.ckpt")
+    moved = compose_evaluate([f"ckpt_path={tmp_path / 'karpathy.ckpt'}", "data.root=/new"]).data
+    assert moved.split_file == "/new/caption_datasets/dataset_coco.json"
+    assert compose_evaluate([f"ckpt_path={tmp_path / 'karpathy.ckpt'}", "data.root=/new",
+                             "data.split_file=/s.json"]).data.split_file == "/s.json"
+    with pytest.raises(SystemExit, match="data.nope=1: there is no such key in the data .* was trained on"):
+        main([ckpt, "data.nope=1"])
+    # data=<config> chooses another dataset, whose own defaults apply
+    assert compose_evaluate([ckpt, "data=coco", "data.root=/elsewhere"]).data.root == "/elsewhere"
+    assert compose_evaluate([ckpt, "data=coco"]).data.name == "coco"
+    # results mode needs no checkpoint
+    assert compose_evaluate(["results=r.json", "ckpt_path=/missing.ckpt"]).data.name == "coco"

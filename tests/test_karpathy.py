@@ -59,8 +59,10 @@ def test_download_run_evaluate_karpathy_test(tmp_path, server, monkeypatch, capl
     ok(run_module("captioner.run", "data=karpathy_coco", *small, cwd=tmp_path))
     ckpt = next((tmp_path / "outputs").glob("runs/*/checkpoints/last.ckpt"))
 
-    done = ok(run_module("captioner.evaluate", "ckpt_path=last", "data=karpathy_coco", "split=test", "beam_size=2",
-                         "extract.num_workers=0", cwd=tmp_path))
+    # README's command: the data the checkpoint was trained on (karpathy_coco at its root), its test split
+    done = ok(run_module("captioner.evaluate", "ckpt_path=last", "split=test", "beam_size=2", "extract.num_workers=0",
+                         cwd=tmp_path))
+    assert "Evaluating on karpathy_coco at " in done.stderr
     assert "Extracting efficientnet_lite0 features for 6 images" in done.stderr  # test was not extracted in training
     eval_dir = ckpt.parents[1] / "eval"
     report = json.loads((eval_dir / "karpathy_coco-test-last-metrics.json").read_text())
