@@ -156,6 +156,9 @@ def check_serve(cfg):
     boolean(cfg, "access_log")
 
 
+SET_BY = {"max_epochs": "epochs", "max_steps": "iterations"}  # Trainer arguments with a top-level key
+
+
 def check_run(cfg):
     """The top-level training keys (captioner.run's check_config checks the choices: rnn_type, optimizer)."""
     for key in ("vocab_size", "hidden_size", "num_layers", "batch_size", "epochs", "eval_max_images"):
@@ -170,6 +173,9 @@ def check_run(cfg):
     for key in ("shuffle", "blind"):
         boolean(cfg, key)
     text(cfg, "checkpoint_monitor")
+    for key, top in SET_BY.items():  # captioner.run passes these to the Trainer itself: one would be ignored
+        if _get(cfg, "trainer") and key in cfg.trainer:
+            raise CaptionerError(f"trainer.{key} is set by the top-level key {top}; use {top}={cfg.trainer[key]}.")
     if cfg.ckpt_path is not None:
         text(cfg, "ckpt_path", nullable=True)
     for key in ("data_dir", "cache_dir", "run_dir"):  # a read-only cache is one sentence, not a PermissionError

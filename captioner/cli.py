@@ -7,6 +7,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
+from captioner.checks import SET_BY
 from captioner.utils import CaptionerError
 
 
@@ -24,6 +25,13 @@ def one_line(error) -> str:
         return type(error).__name__
     first = lines[0]
     if first.startswith("Could not override") and "is not in struct" in f"{error} {error.__cause__}":
+        key = first.split("'")[1] if first.count("'") >= 2 else ""
+        group, _, name = key.partition(".")
+        if group == "trainer" and name in SET_BY:
+            return f"{first.rstrip('.')}: it is set by the top-level key {SET_BY[name]}; use {SET_BY[name]}=<n>."
+        if group == "trainer":  # conf/trainer/ lists the common arguments; Lightning's Trainer takes more
+            return (f"{first.rstrip('.')}: there is no such key; check its spelling, or add another argument of "
+                    f"Lightning's Trainer with +{key}=<value>.")
         return f"{first.rstrip('.')}: there is no such key; check its spelling."
     options = next((i for i, line in enumerate(lines) if line.startswith("Available options")), None)
     if options is not None:

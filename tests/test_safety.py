@@ -118,6 +118,9 @@ def test_resuming_with_another_architecture_is_one_sentence(cfg_factory, trained
     ("eval_every=-1", "eval_every=-1 must be an integer >= 0"),
     ("shuffle=maybe", "shuffle=maybe must be true or false"),
     ("paths.data_dir=/proc/captioner-data", "paths.data_dir=/proc/captioner-data cannot be written"),
+    # the Trainer gets these from epochs and iterations: an added one would be silently overridden
+    ("+trainer.max_epochs=3", "trainer.max_epochs is set by the top-level key epochs; use epochs=3"),
+    ("+trainer.max_steps=5", "trainer.max_steps is set by the top-level key iterations; use iterations=5"),
 ])
 def test_every_run_key_is_checked(cfg_factory, override, message):
     with pytest.raises(CaptionerError, match=message):

@@ -116,6 +116,11 @@ def test_cli_reports_a_bad_value_in_one_line(tmp_path, data_dir):
 
 @pytest.mark.parametrize("args, message", [
     (["rnn_typ=gru"], "error: Could not override 'rnn_typ': there is no such key; check its spelling."),
+    (["trainer.max_epochs=3"], "error: Could not override 'trainer.max_epochs': it is set by the top-level key "
+                               "epochs; use epochs=<n>."),
+    (["trainer.limit_train_batches=2"], "error: Could not override 'trainer.limit_train_batches': there is no such "
+                                        "key; check its spelling, or add another argument of Lightning's Trainer "
+                                        "with +trainer.limit_train_batches=<value>."),
     (["scheduler=cosne"], "error: In 'config': Could not find 'scheduler/cosne'; expected one of: cosine, none, "
                           "plateau, step."),
     (["rnn_type=gru,lstm"], "error: rnn_type=gru,lstm gives several values: add -m (--multirun) for one run per "
