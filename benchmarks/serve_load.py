@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from captioner.cli import compose_config
-from captioner.inference import resolve_checkpoint
+from captioner.checkpoint import resolve_checkpoint
 from captioner.shapes import make_shapes
 from captioner.utils import CaptionerError
 

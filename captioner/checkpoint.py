@@ -39,6 +39,17 @@ def check_device(device, key="device") -> torch.device:
     return dev
 
 
+def resolve_checkpoint(ckpt_path, search_root="outputs") -> Path:
+    """`last` means the newest last.ckpt under `search_root`; anything else is checked by load_checkpoint."""
+    if ckpt_path in (None, "", "last"):
+        found = sorted(Path(search_root).glob("**/last.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise CaptionerError(f"ckpt_path=last: no last.ckpt under {search_root}/; train one with "
+                                 f"`python -m captioner.run` or pass ckpt_path=<file>.")
+        return found[-1]
+    return Path(ckpt_path)
+
+
 def load_checkpoint(path, map_location="cpu", key="ckpt_path") -> dict:
     """The checkpoint at `path` as a dict, loaded without running any code it may contain.
 

@@ -164,8 +164,7 @@ def compose_evaluate(overrides):
     cfg = compose_config("evaluate", [o for o in overrides if o not in own.values()])
     if cfg.results is not None:
         return compose_config("evaluate", overrides)
-    from captioner.checkpoint import load_checkpoint
-    from captioner.inference import resolve_checkpoint
+    from captioner.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(cfg.ckpt_path)
     data = (load_checkpoint(path)["hyper_parameters"].get("config") or {}).get("data")

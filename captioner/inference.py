@@ -9,24 +9,13 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from captioner.checkpoint import check_device, load_checkpoint
+from captioner.checkpoint import check_device, load_checkpoint, resolve_checkpoint
 from captioner.decoding import captions
 from captioner.encoders import build_encoder, preprocessing
 from captioner.module import CaptionModule
 from captioner.utils import CaptionerError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def resolve_checkpoint(ckpt_path, search_root="outputs") -> Path:
-    """`last` means the newest last.ckpt under `search_root`; anything else is checked by load_checkpoint."""
-    if ckpt_path in (None, "", "last"):
-        found = sorted(Path(search_root).glob("**/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise CaptionerError(f"ckpt_path=last: no last.ckpt under {search_root}/; train one with "
-                                 f"`python -m captioner.run` or pass ckpt_path=<file>.")
-        return found[-1]
-    return Path(ckpt_path)
 
 
 class Captioner:

@@ -17,7 +17,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
 
 from captioner import checks
-from captioner.checkpoint import check_same_architecture, init_weights, load_checkpoint
+from captioner.checkpoint import check_same_architecture, init_weights, load_checkpoint, resolve_checkpoint
 from captioner.cli import compose_config, one_line, one_line_errors
 from captioner.data import CaptionDataModule
 from captioner.embeddings import load_vectors
@@ -100,6 +100,9 @@ def progress_rate(cfg: DictConfig) -> int:
 def train(cfg: DictConfig) -> float:
     """Train one model; returns the final val/ppl (what sweeps minimise)."""
     check_config(cfg)
+    if cfg.ckpt_path == "last":  # the newest last.ckpt under outputs/, as caption, evaluate and serve take it
+        cfg.ckpt_path = str(resolve_checkpoint("last"))
+        log.info("Resuming from %s.", cfg.ckpt_path)
     resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None  # safe, and before any long work
     if resume:
         check_same_architecture(cfg.ckpt_path, resume["hyper_parameters"], dict(

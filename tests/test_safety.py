@@ -76,6 +76,19 @@ def test_checkpoints_of_earlier_versions_still_load_and_resume(cfg_factory, trai
     assert old["global_step"] == 3 and resumed["global_step"] == 5
 
 
+def test_run_resumes_from_ckpt_path_last_like_the_other_commands(cfg_factory, trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = cfg_factory("epochs=7", "eval_every=0", "ckpt_path=last")
+    with pytest.raises(CaptionerError, match="ckpt_path=last: no last.ckpt under outputs/"):
+        train(cfg)
+    newest = tmp_path / "outputs" / "runs" / "b" / "checkpoints" / "last.ckpt"
+    newest.parent.mkdir(parents=True)
+    shutil.copy(trained["ckpt"], newest)
+    train(cfg)
+    assert cfg.ckpt_path == str(Path("outputs/runs/b/checkpoints/last.ckpt"))  # the newest, made before this run's
+    assert load_checkpoint(Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt")["global_step"] == 6 * 3 + 3
+
+
 def test_each_checkpoint_problem_has_its_own_sentence(trained, tmp_path):
     good = trained["ckpt"]
     (tmp_path / "empty.ckpt").write_bytes(b"")
