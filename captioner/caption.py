@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from captioner import checks
-from captioner.cli import compose_config, one_line_errors
+from captioner.cli import compose_config, one_line_errors, show_help
 from captioner.decoding import decode_options
 from captioner.inference import IMAGE_SUFFIXES, Captioner, open_image
 from captioner.utils import CaptionerError, atomic_write_text
@@ -50,6 +50,8 @@ def caption_files(captioner: Captioner, files, batch_size=64, **decode):
 @one_line_errors
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if show_help(argv, __doc__, "caption"):
+        return
     paths = [a for a in argv if "=" not in a]
     cfg = compose_config("caption", [a for a in argv if "=" in a])
     checks.check_caption(cfg)  # every key, and that output= can be written, before any work

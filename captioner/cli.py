@@ -17,6 +17,20 @@ def compose_config(name: str, overrides):
         return compose(config_name=name, overrides=list(overrides))
 
 
+def show_help(argv, doc: str, config: str = None) -> bool:
+    """For -h/--help: print the command's docstring and, when it has its own, its config file with the comments
+    that explain each key (what `python -m captioner.run --help` gets from Hydra). True when help was asked for."""
+    if not any(a in ("-h", "--help") for a in argv):
+        return False
+    print(doc.strip())
+    if config:
+        from importlib.resources import files
+
+        print(f"\n== Keys (key=value overrides of conf/{config}.yaml) ==\n")
+        print(files("captioner.conf").joinpath(f"{config}.yaml").read_text(encoding="utf-8").strip())
+    return True
+
+
 def one_line(error) -> str:
     """An error as one sentence. Hydra's messages run to several lines: keep the first, plus the part a user needs
     (the available options of a config group)."""

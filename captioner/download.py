@@ -22,7 +22,7 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from captioner.cli import compose_config, one_line_errors
+from captioner.cli import compose_config, one_line_errors, show_help
 from captioner.utils import CaptionerError
 
 log = logging.getLogger(__name__)
@@ -201,6 +201,8 @@ def download(root, parts=tuple(PARTS), base_url=OFFICIAL, timeout=60, retries=3,
 @one_line_errors
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if show_help(argv, __doc__, "download"):
+        return
     if bad := [a for a in argv if "=" not in a]:
         raise CaptionerError(f"unexpected argument {bad[0]!r}; usage: python -m captioner.download [key=value ...].")
     cfg = compose_config("download", argv)

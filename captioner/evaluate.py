@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from captioner import checks
-from captioner.cli import compose_config, one_line_errors
+from captioner.cli import compose_config, one_line_errors, show_help
 from captioner.coco import CaptionSplit, load_splits
 from captioner.decoding import decode_options
 from captioner.utils import CaptionerError, atomic_write_text
@@ -190,7 +190,10 @@ def compose_evaluate(overrides):
 
 @one_line_errors
 def main(argv=None):
-    cfg = compose_evaluate(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if show_help(argv, __doc__, "evaluate"):
+        return
+    cfg = compose_evaluate(argv)
     checks.check_evaluate(cfg)  # every key, and that the outputs can be written, before any work
     if cfg.results:
         if not cfg.annotations:

@@ -8,7 +8,7 @@ import json
 import sys
 
 from captioner.checks import check_data
-from captioner.cli import compose_config, one_line_errors
+from captioner.cli import compose_config, one_line_errors, show_help
 from captioner.features import extract_split
 from captioner.prepare import read_splits
 
@@ -16,6 +16,8 @@ from captioner.prepare import read_splits
 @one_line_errors
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if show_help(argv, __doc__):  # its keys are the training config's: python -m captioner.run --help
+        return
     # the training config's paths.run_dir needs Hydra's runtime; nothing is written there, so any value does
     cfg = compose_config("config", ["paths.run_dir=.", *argv])
     check_data(cfg)

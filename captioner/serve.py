@@ -24,7 +24,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from captioner import checks
-from captioner.cli import compose_config, one_line_errors
+from captioner.cli import compose_config, one_line_errors, show_help
 from captioner.inference import Captioner
 from captioner.uploads import MULTIPART_SLACK, BodyLimit, decode_image
 
@@ -191,7 +191,10 @@ def create_app(captioner: Captioner, cfg) -> FastAPI:
 def main(argv=None):
     import uvicorn
 
-    cfg = compose_config("serve", sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if show_help(argv, __doc__, "serve"):
+        return
+    cfg = compose_config("serve", argv)
     checks.check_serve(cfg)
     captioner = Captioner(cfg.ckpt_path, cfg.device)
     logging.getLogger(__name__).info("Serving %s on http://%s:%d", captioner.ckpt_path, cfg.host, cfg.port)

@@ -241,3 +241,20 @@ def test_evaluate_names_a_folder_and_an_unwritable_output(tmp_path):
                            f"output={tmp_path / 'a-file' / 'm.json'}")
     assert "cannot be written" in message
     assert "max_images=0 must be a positive integer" in exit_message(main, "max_images=0")
+
+
+@pytest.mark.parametrize("command, key", [("caption", "batch_size"), ("evaluate", "cached_features"),
+                                          ("serve", "max_upload_mb"), ("download", "karpathy_url"),
+                                          ("extract", None)])
+def test_every_command_answers_help_without_doing_anything(command, key, capsys, tmp_path, monkeypatch):
+    """--help was taken for an image path (caption) or a malformed override (evaluate, serve, extract)."""
+    import importlib
+
+    monkeypatch.chdir(tmp_path)  # nothing is written: no outputs/, no data/
+    module = importlib.import_module(f"captioner.{command}")
+    module.main(["--help", "ckpt_path=/missing.ckpt"])
+    out = capsys.readouterr().out
+    assert out.startswith(module.__doc__.strip().splitlines()[0])
+    if key:
+        assert f"== Keys (key=value overrides of conf/{command}.yaml) ==" in out and f"\n{key}:" in out
+    assert not list(tmp_path.iterdir())
