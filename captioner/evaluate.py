@@ -155,15 +155,16 @@ def default_output_dir(ckpt_path: Path) -> Path:
 
 
 def compose_evaluate(overrides):
-    """The evaluate config. In checkpoint mode without a `data=` choice, `data` is the config the checkpoint was
-    trained on (its dataset, root and splits, as recorded in it), with any `data.key=value` overrides applied."""
+    """The evaluate config, its keys checked. In checkpoint mode without a `data=` choice, `data` is the config the
+    checkpoint was trained on (its dataset, root and splits, as recorded in it), with any `data.key=value`
+    overrides applied."""
     overrides = list(overrides)
-    if any(o.split("=")[0].lstrip("+") == "data" for o in overrides):
-        return compose_config("evaluate", overrides)
-    own = {o.split("=")[0][len("data."):]: o for o in overrides if o.startswith("data.")}  # applied below
+    chosen = any(o.split("=")[0].lstrip("+") == "data" for o in overrides)
+    own = {} if chosen else {o.split("=")[0][len("data."):]: o for o in overrides if o.startswith("data.")}
     cfg = compose_config("evaluate", [o for o in overrides if o not in own.values()])
-    if cfg.results is not None:
-        return compose_config("evaluate", overrides)
+    checks.check_evaluate(cfg)  # every key, and that the outputs can be written, before any work
+    if chosen or cfg.results is not None:
+        return compose_config("evaluate", overrides) if own else cfg
     from captioner.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(cfg.ckpt_path)
@@ -194,7 +195,6 @@ def main(argv=None):
     if show_help(argv, __doc__, "evaluate"):
         return
     cfg = compose_evaluate(argv)
-    checks.check_evaluate(cfg)  # every key, and that the outputs can be written, before any work
     if cfg.results:
         if not cfg.annotations:
             raise CaptionerError("results= needs annotations=<COCO captions JSON> to score against.")

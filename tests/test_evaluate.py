@@ -162,4 +162,5 @@ def test_checkpoint_mode_uses_the_data_the_checkpoint_was_trained_on(trained, tm
     assert compose_evaluate([ckpt, "data=coco", "data.root=/elsewhere"]).data.root == "/elsewhere"
     assert compose_evaluate([ckpt, "data=coco"]).data.name == "coco"
     # results mode needs no checkpoint
-    assert compose_evaluate(["results=r.json", "ckpt_path=/missing.ckpt"]).data.name == "coco"
+    (tmp_path / "r.json").write_text("[]")
+    assert compose_evaluate([f"results={tmp_path / 'r.json'}", "ckpt_path=/missing.ckpt"]).data.name == "coco"
