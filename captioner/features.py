@@ -23,7 +23,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from captioner.coco import CaptionSplit
 from captioner.encoders import build_encoder, encoder_preprocessing, normalizing, resizing
 from captioner.jpeg import ImageBytes, as_lists, decode_batch
-from captioner.utils import CaptionerError, cache_key, cached_dir, file_fingerprint, files_fingerprint
+from captioner.utils import CaptionerError, cache_key, cached_dir, file_fingerprint, files_fingerprint, to_rgb
 
 log = logging.getLogger(__name__)
 MAX_WARNINGS = 20
@@ -43,7 +43,7 @@ class ImageFiles(Dataset):
         try:
             with Image.open(self.paths[i]) as im:
                 # convert covers RGBA, grayscale, palette and CMYK alike
-                return self.transform(im.convert("RGB")), i, ""
+                return self.transform(to_rgb(im)), i, ""
         except Exception as e:  # any undecodable file is skipped, not fatal
             return torch.zeros(self.blank, dtype=torch.uint8), i, f"{type(e).__name__}: {e}"
 

@@ -13,7 +13,7 @@ from captioner.checkpoint import check_device, load_checkpoint, resolve_checkpoi
 from captioner.decoding import captions
 from captioner.encoders import build_encoder, preprocessing
 from captioner.module import CaptionModule
-from captioner.utils import CaptionerError
+from captioner.utils import CaptionerError, to_rgb
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -50,7 +50,7 @@ class Captioner:
     @torch.no_grad()
     def features(self, images) -> torch.Tensor:
         """PIL images (any mode) -> encoder features [n, dim]."""
-        x = torch.stack([self.transform(im.convert("RGB")) for im in images]).to(self.device)
+        x = torch.stack([self.transform(to_rgb(im)) for im in images]).to(self.device)
         with torch.autocast(**self.autocast):
             return self.encoder(x).float()
 
@@ -67,4 +67,4 @@ def open_image(path) -> Image.Image:
     """Load an image fully (so errors surface here, not later), converted to RGB."""
     with Image.open(path) as im:
         im.load()
-        return im.convert("RGB")
+        return to_rgb(im)

@@ -15,6 +15,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 from torchvision.transforms.v2 import InterpolationMode
 
+from captioner.utils import to_rgb
+
 EOI = b"\xff\xd9"
 
 
@@ -33,7 +35,7 @@ class ImageBytes(Dataset):
             with Image.open(io.BytesIO(data)) as im:  # parses the header only
                 if im.format == "JPEG" and im.mode in ("RGB", "L") and data.rstrip(b"\0").endswith(EOI):
                     return torch.frombuffer(bytearray(data), dtype=torch.uint8), i, ""
-                return self.transform(im.convert("RGB")), i, ""
+                return self.transform(to_rgb(im)), i, ""
         except Exception as e:  # any undecodable file is skipped, not fatal
             return torch.zeros(0, dtype=torch.uint8), i, f"{type(e).__name__}: {e}"
 
@@ -74,6 +76,6 @@ def _decode_one(x, device):
     except RuntimeError:
         try:
             with Image.open(io.BytesIO(x.numpy().tobytes())) as im:
-                return F.pil_to_tensor(im.convert("RGB")).to(device)
+                return F.pil_to_tensor(to_rgb(im)).to(device)
         except Exception as e:
             return f"{type(e).__name__}: {e}"

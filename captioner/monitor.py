@@ -13,6 +13,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from captioner.decoding import captions
+from captioner.utils import to_rgb
 
 log = logging.getLogger(__name__)
 LOGGED = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
@@ -153,7 +154,7 @@ class CaptionMonitor(Callback):
             path = dm.val_paths.get(r["image_id"])
             try:
                 with Image.open(path) as im:
-                    im = im.convert("RGB")
+                    im = to_rgb(im)
                     im.thumbnail((256, 256))
                     tb.add_image(f"samples/{r['image_id']}", np.asarray(im), step, dataformats="HWC")
             except (OSError, TypeError, ValueError):

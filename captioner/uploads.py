@@ -11,6 +11,8 @@ from fastapi import HTTPException
 from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
+from captioner.utils import to_rgb
+
 MULTIPART_SLACK = 64 * 1024  # room for multipart boundaries, headers and the small form fields
 DRAIN_LIMIT = 64 * 2**20  # read and discard at most this much of an over-limit body; beyond it, answer and close
 
@@ -94,9 +96,9 @@ def decode_image(data: bytes, max_pixels: float, max_side: int, size: int = 224)
             im.load()
             factor = (max(1, im.width // (2 * size)), max(1, im.height // (2 * size)))
             if factor == (1, 1):
-                return im.convert("RGB")
-            im = im if im.mode in ("L", "RGB", "RGBA", "LA", "I", "F") else im.convert("RGB")  # reduce needs one
-            return im.reduce(factor).convert("RGB")  # the encoder squashes to size x size anyway
+                return to_rgb(im)
+            im = im if im.mode in ("L", "RGB", "RGBA", "LA", "I", "F") else to_rgb(im)  # reduce needs one
+            return to_rgb(im.reduce(factor))  # the encoder squashes to size x size anyway
     except HTTPException:
         raise
     except Image.DecompressionBombError as e:  # beyond PIL's own limit: quote ours, not PIL's

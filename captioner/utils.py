@@ -16,6 +16,20 @@ class CaptionerError(Exception):
     """A problem with the user's input or configuration, reported as one sentence (no stack trace)."""
 
 
+def to_rgb(im):
+    """A PIL image of any mode as 8-bit RGB. PIL's convert("RGB") clips 16- and 32-bit grayscale (I;16, I, F) at
+    255, which turns a 16-bit photo white, so those are scaled to 0-255 first, by the range their values show
+    (0-1 floats, 8-bit values in a wider type, else 16-bit): their files do not say it."""
+    from PIL import Image
+
+    if im.mode.startswith("I") or im.mode == "F":
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        top = a.max(initial=0.0)
+        scale = 255.0 if im.mode == "F" and top <= 1.0 else 1.0 if top <= 255 else 255.0 / 65535.0
+        return Image.fromarray(np.clip(a * scale, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")  # RGBA, grayscale, palette, CMYK, 1-bit alike
+
+
 def atomic_write_text(path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,26 @@ def test_every_decodable_image_mode_becomes_an_rgb_tensor(tmp_path, mode, ext):
     assert err == "" and x.shape == (3, 32, 32) and x.dtype == torch.uint8 and x.float().std() > 0
 
 
+@pytest.mark.parametrize("mode, ext, scale", [("I;16", "png", 257), ("I", "tiff", 257), ("F", "tiff", 1 / 255),
+                                              ("F", "tiff", 257), ("I;16", "tiff", 1)])
+def test_wide_grayscale_is_scaled_to_8_bits_not_clipped(tmp_path, mode, ext, scale):
+    """A 16-bit photo (or a 0-1 float one) gives the pixels of its 8-bit version; PIL's convert would clip it at
+    255, all white."""
+    gray = np.asarray(image("L"), dtype=np.float64)
+    wide = Image.fromarray((gray * scale).astype(np.float32 if mode == "F" else np.uint16 if mode == "I;16"
+                                                   else np.int32))
+    wide.save(tmp_path / f"img.{ext}")
+    assert Image.open(tmp_path / f"img.{ext}").mode == mode
+    x, _, err = ImageFiles([tmp_path / f"img.{ext}", ], resizing(32), 32)[0]
+    y, _, _ = ImageFiles([write_png(tmp_path / "eight.png", image("L"))], resizing(32), 32)[0]
+    assert err == "" and (x.int() - y.int()).abs().max() <= 1
+
+
+def write_png(path, im):
+    im.save(path)
+    return path
+
+
 def write_split(folder: Path, n: int, name="val2017") -> CaptionSplit:
     (folder / name).mkdir(parents=True, exist_ok=True)
     files = []
