@@ -62,6 +62,9 @@ def feature_dir(cache_dir, split: CaptionSplit, spec: dict) -> Path:
     """Keyed by content: the annotation file's bytes and the split's image names and sizes, not their location,
     so a copied or moved data folder keeps its features."""
     spec = {"interpolation": "bilinear", **spec}  # checkpoints from before interpolation was recorded
+    weights = spec.get("weights", "default")
+    if weights != "default" and Path(weights).is_file():  # a .pth file's bytes: new weights at the same path count
+        spec = {**spec, "weights": file_fingerprint(weights, cache_dir)}
     key = cache_key({"spec": spec, "annotations": file_fingerprint(split.annotation_file, cache_dir),
                      "images": files_fingerprint(split.image_dir, split.files), "split": split.name})
     return Path(cache_dir) / "features" / f"{split.name}-{spec['encoder']}-{key}"

@@ -164,6 +164,12 @@ def test_cache_folder_changes_with_encoder_image_size_and_dataset_file(tmp_path)
     assert key(lite0(name="resnet18")) != base
     assert key(lite0(), 96) != base and key(lite0(image_size=96)) != base
     assert key(lite0(weights=str(tmp_path / "other.pth"))) != base
+    weights = tmp_path / "tuned.pth"  # new weights saved over old ones at the same path: new features
+    weights.write_bytes(b"epoch 1")
+    tuned = key(lite0(weights=str(weights)))
+    assert tuned != base and key(lite0(weights=str(weights))) == tuned
+    weights.write_bytes(b"epoch 12")
+    assert key(lite0(weights=str(weights))) != tuned
     split.annotation_file.write_text(split.annotation_file.read_text() + " ")  # the dataset file changed
     assert key(lite0()) != base
 
