@@ -173,6 +173,7 @@ def check_run(cfg):
     for key in ("shuffle", "blind"):
         boolean(cfg, key)
     text(cfg, "checkpoint_monitor")
+    checkpoint_monitor(cfg)
     for key, top in SET_BY.items():  # captioner.run passes these to the Trainer itself: one would be ignored
         if _get(cfg, "trainer") and key in cfg.trainer:
             raise CaptionerError(f"trainer.{key} is set by the top-level key {top}; use {top}={cfg.trainer[key]}.")
@@ -188,6 +189,23 @@ def check_run(cfg):
         if not torch.cuda.is_available():
             raise CaptionerError(f"trainer.accelerator={accelerator}: this machine has no CUDA GPU that torch can "
                                  f"use; use trainer=default (it picks the device) or trainer=cpu.")
+
+
+def checkpoint_monitor(cfg):
+    """best.ckpt's metric must be one that training logs, or ModelCheckpoint fails when it first looks for it."""
+    import shutil
+
+    from captioner.monitor import LOGGED
+
+    monitor, known = cfg.checkpoint_monitor, ("val/loss", "val/ppl", *(f"val/{m}" for m in LOGGED))
+    if monitor not in known:
+        raise CaptionerError(f"checkpoint_monitor={monitor} is not one of {', '.join(known)}.")
+    if monitor not in known[:2] and cfg.objective != "scst" and not (_is_int(cfg.eval_every) and cfg.eval_every > 0):
+        raise CaptionerError(f"checkpoint_monitor={monitor} needs eval_every > 0 (it is {cfg.eval_every}): the "
+                             f"caption metrics are computed every eval_every epochs.")
+    if monitor == "val/METEOR" and shutil.which("java") is None:
+        raise CaptionerError("checkpoint_monitor=val/METEOR needs java, which METEOR runs and this machine lacks; "
+                             "pick val/CIDEr or install java.")
 
 
 def check_data(cfg):

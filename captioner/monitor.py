@@ -16,7 +16,7 @@ from captioner.decoding import captions
 from captioner.utils import to_rgb
 
 log = logging.getLogger(__name__)
-LOGGED = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+LOGGED = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")  # SPICE is never computed here (spice=False)
 
 
 def evaluation_due(trainer, every: int) -> bool:

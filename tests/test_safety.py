@@ -134,10 +134,15 @@ def test_resuming_with_another_architecture_is_one_sentence(cfg_factory, trained
     # the Trainer gets these from epochs and iterations: an added one would be silently overridden
     ("+trainer.max_epochs=3", "trainer.max_epochs is set by the top-level key epochs; use epochs=3"),
     ("+trainer.max_steps=5", "trainer.max_steps is set by the top-level key iterations; use iterations=5"),
+    # best.ckpt's metric: one that training logs (SPICE is not computed during training), else Lightning fails
+    # when it first looks for it, after an epoch or more of training
+    ("checkpoint_monitor=val/cider", "checkpoint_monitor=val/cider is not one of val/loss, val/ppl, val/Bleu_1"),
+    ("checkpoint_monitor=val/SPICE", "checkpoint_monitor=val/SPICE is not one of"),
+    ("checkpoint_monitor=val/CIDEr eval_every=0", r"checkpoint_monitor=val/CIDEr needs eval_every > 0 \(it is 0\)"),
 ])
 def test_every_run_key_is_checked(cfg_factory, override, message):
     with pytest.raises(CaptionerError, match=message):
-        train(cfg_factory(override))
+        train(cfg_factory(*override.split()))
 
 
 def test_run_checkpoint_problems_are_one_sentence(cfg_factory, tmp_path):
