@@ -241,6 +241,11 @@ def check_recipes(cfg):
     if not isinstance(cfg.scst.samples, int) or cfg.scst.samples < (2 if cfg.scst.baseline == "mean" else 1):
         raise CaptionerError(f"scst.samples={cfg.scst.samples} must be an integer >= 2 with the mean baseline "
                              f"(>= 1 with greedy).")
+    if cfg.objective == "scst":  # its loss is the reward-weighted log-likelihood of captions it samples itself
+        for key in ("label_smoothing", "scheduled_sampling.max_prob"):
+            if OmegaConf.select(cfg, key):
+                raise CaptionerError(f"{key}={OmegaConf.select(cfg, key)} is a cross-entropy recipe; objective=scst "
+                                     f"does not use it: set it to 0.")
     if cfg.objective == "scst" and not cfg.eval_every > 0:
         raise CaptionerError(f"eval_every={cfg.eval_every} must be positive with objective=scst: val/CIDEr picks "
                              f"its checkpoints.")

@@ -139,6 +139,11 @@ def test_resuming_with_another_architecture_is_one_sentence(cfg_factory, trained
     ("checkpoint_monitor=val/cider", "checkpoint_monitor=val/cider is not one of val/loss, val/ppl, val/Bleu_1"),
     ("checkpoint_monitor=val/SPICE", "checkpoint_monitor=val/SPICE is not one of"),
     ("checkpoint_monitor=val/CIDEr eval_every=0", r"checkpoint_monitor=val/CIDEr needs eval_every > 0 \(it is 0\)"),
+    # SCST's loss is its sampled captions' reward-weighted log-likelihood: cross-entropy recipes would be ignored
+    ("objective=scst eval_every=1 label_smoothing=0.1", "label_smoothing=0.1 is a cross-entropy recipe; objective=scst "
+                                                        "does not use it"),
+    ("objective=scst eval_every=1 scheduled_sampling.max_prob=0.2", "scheduled_sampling.max_prob=0.2 is a "
+                                                                    "cross-entropy recipe"),
 ])
 def test_every_run_key_is_checked(cfg_factory, override, message):
     with pytest.raises(CaptionerError, match=message):
