@@ -103,16 +103,19 @@ class BestCheckpoint(ModelCheckpoint):
 
 
 class CaptionMonitor(Callback):
-    def __init__(self, every_n_epochs, max_images, beam_size, max_len, length_penalty, samples=6, batch_size=256):
+    def __init__(self, every_n_epochs, max_images, beam_size, max_len, length_penalty, temperature=None, top_k=0,
+                 seed=None, samples=6, batch_size=256):
         self.every, self.max_images, self.samples = every_n_epochs, max_images, samples
-        self.decode = dict(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty)
+        # the decoding of conf/decode/, as caption and evaluate use it (decode=sample: sampled, with the run's seed)
+        self.decode = dict(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
+                           temperature=temperature, top_k=top_k, seed=seed)
         self.batch_size = batch_size
 
     def _due(self, trainer) -> bool:
         return evaluation_due(trainer, self.every)
 
     def captions(self, pl_module, dm):
-        """Beam-search captions of the first `max_images` validation images, as COCO results."""
+        """Captions of the first `max_images` validation images (beam search, or sampled), as COCO results."""
         feats, ids = dm.val_images(self.max_images)
         out = []
         was_training = pl_module.training

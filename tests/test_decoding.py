@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioner.decoding import NEG, beam_search
+from captioner.decoding import NEG, beam_search, captions
 from captioner.model import ShowAndTell, WordEmbedding
 from captioner.vocab import END, PAD, START
 
@@ -71,3 +71,22 @@ def test_fast_beam_search_equals_the_plain_one(rnn_type, beam_size, n_best, leng
     early, early_scores, _ = beam_search(model, feats, beam_size, max_len, length_penalty, n_best, check_every=2)
     assert torch.equal(early, expected[..., :early.shape[-1]])
     assert torch.equal(early_scores, scores)
+
+
+def test_validation_captions_decode_as_the_decode_group_says(cfg_factory, trained):
+    """decode=sample (and temperature, top_k) apply to the val/CIDEr captions of training too, seeded by the run's
+    seed; beam search otherwise."""
+    from captioner.inference import Captioner
+    from captioner.monitor import CaptionMonitor
+    from captioner.run import build_callbacks
+
+    monitor = lambda *o: next(c for c in build_callbacks(cfg_factory(*o), False)  # noqa: E731
+                              if isinstance(c, CaptionMonitor))
+    assert monitor().decode == dict(beam_size=3, max_len=20, length_penalty=0.0, temperature=None, top_k=0, seed=0)
+    sampled = monitor("decode=sample", "top_k=3", "seed=7").decode
+    assert (sampled["temperature"], sampled["top_k"], sampled["seed"]) == (1.0, 3, 7)
+    captioner = Captioner(trained["ckpt"], "cpu")
+    feats = torch.randn(4, captioner.model.init_hidden.in_features, generator=torch.Generator().manual_seed(0))
+    first = captions(captioner.model, captioner.vocab, feats, **sampled)
+    assert first == captions(captioner.model, captioner.vocab, feats, **sampled)  # seeded: the same every epoch
+    assert first != captions(captioner.model, captioner.vocab, feats, **{**sampled, "seed": 8})
