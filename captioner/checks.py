@@ -9,6 +9,9 @@ from pathlib import Path
 from captioner.checkpoint import check_device
 from captioner.utils import CaptionerError
 
+SEED_MAX = 2**32 - 1  # numpy's and Lightning's seeds are unsigned 32-bit
+SET_BY = {"max_epochs": "epochs", "max_steps": "iterations"}  # Trainer arguments with a top-level key
+
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -100,7 +103,7 @@ def decoding(cfg, max_beam_size=None):
         number(cfg, "temperature", positive=True, nullable=True)
         integer(cfg, "top_k", 0)
     if "seed" in cfg:  # the sampling seed (serve has none: it never samples)
-        integer(cfg, "seed")
+        integer(cfg, "seed", 0, SEED_MAX)
     if "n_best" in cfg:
         integer(cfg, "n_best", 1)
         if cfg.n_best > cfg.beam_size:
@@ -156,17 +159,15 @@ def check_serve(cfg):
     boolean(cfg, "access_log")
 
 
-SET_BY = {"max_epochs": "epochs", "max_steps": "iterations"}  # Trainer arguments with a top-level key
-
-
 def check_run(cfg):
     """The top-level training keys (captioner.run's check_config checks the choices: rnn_type, optimizer)."""
     for key in ("vocab_size", "hidden_size", "num_layers", "batch_size", "epochs", "eval_max_images"):
         integer(cfg, key, 1)
     integer(cfg, "progress_every", 1, nullable=True)  # null: 1 on a CPU, 50 on a GPU
     decoding(cfg)  # the validation captions' beam_size, max_len, ... (conf/decode/)
-    for key in ("caption_idx", "iterations", "seed"):
+    for key in ("caption_idx", "iterations"):
         integer(cfg, key)
+    integer(cfg, "seed", 0, SEED_MAX)
     integer(cfg, "eval_every", 0)
     for key in ("learning_rate", "save_every", "write_every"):
         number(cfg, key, positive=True)

@@ -49,7 +49,7 @@ def beam_search(model: ShowAndTell, features, beam_size=3, max_len=20, length_pe
     and no [B, k * V] candidate tensor is ever written. Each step writes its words and back-pointers into
     preallocated [max_len, B, k] buffers; the sequences are read back once at the end.
     """
-    B, k = features.shape[0], beam_size
+    B, k = features.shape[0], min(beam_size, model.out.out_features)  # no more beams than words
     n_best = min(n_best, k)
     device = features.device
     state = _repeat(model.initial_state(features), k)
@@ -118,7 +118,7 @@ def sample(model: ShowAndTell, features, max_len=20, temperature=1.0, top_k=0, g
         logits = _mask_specials(logits)  # in place (no autograd here); draw's softmax normalises: no log_softmax
         if temperature != 1.0:
             logits = logits.float() / max(temperature, 1e-6)  # fp32: bf16 logits would round after dividing
-        if top_k:
+        if 0 < top_k < logits.shape[-1]:  # a top_k of the vocabulary's size or more keeps every word
             kth = logits.topk(top_k, -1).values[:, -1:]
             logits = logits.masked_fill(logits < kth, NEG)
         words = torch.where(done, PAD, draw(logits, generator))

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from captioner.decoding import NEG, beam_search, captions
+from captioner.decoding import NEG, beam_search, captions, sample
 from captioner.model import ShowAndTell, WordEmbedding
 from captioner.vocab import END, PAD, START
 
@@ -71,6 +71,20 @@ def test_fast_beam_search_equals_the_plain_one(rnn_type, beam_size, n_best, leng
     early, early_scores, _ = beam_search(model, feats, beam_size, max_len, length_penalty, n_best, check_every=2)
     assert torch.equal(early, expected[..., :early.shape[-1]])
     assert torch.equal(early_scores, scores)
+
+
+def test_a_beam_or_top_k_wider_than_the_vocabulary_keeps_every_word():
+    """A tiny vocabulary (the smoke set has 20 words) with beam_size or top_k above its size: every word, not
+    'selected index k out of range'."""
+    torch.manual_seed(0)
+    vocab = 6
+    model = ShowAndTell(10, vocab, WordEmbedding(vocab, 8), 16, 1, "lstm").eval()
+    feats = torch.randn(3, 10)
+    tokens, scores, _ = beam_search(model, feats, beam_size=30, max_len=5, n_best=30)
+    same, same_scores, _ = beam_search(model, feats, beam_size=vocab, max_len=5, n_best=vocab)
+    assert torch.equal(tokens, same) and torch.equal(scores, same_scores)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(sample(model, feats, 8, 1.0, 50, g()), sample(model, feats, 8, 1.0, 0, g()))
 
 
 def test_validation_captions_decode_as_the_decode_group_says(cfg_factory, trained):

@@ -136,6 +136,7 @@ def test_resuming_with_another_architecture_is_one_sentence(cfg_factory, trained
     ("+trainer.max_steps=5", "trainer.max_steps is set by the top-level key iterations; use iterations=5"),
     # best.ckpt's metric: one that training logs (SPICE is not computed during training), else Lightning fails
     # when it first looks for it, after an epoch or more of training
+    ("seed=-1", "seed=-1 must be an integer from 0 to 4294967295"),  # numpy's generators refuse it, late
     ("checkpoint_monitor=val/cider", "checkpoint_monitor=val/cider is not one of val/loss, val/ppl, val/Bleu_1"),
     ("checkpoint_monitor=val/SPICE", "checkpoint_monitor=val/SPICE is not one of"),
     ("checkpoint_monitor=val/CIDEr eval_every=0", r"checkpoint_monitor=val/CIDEr needs eval_every > 0 \(it is 0\)"),
@@ -174,6 +175,7 @@ def exit_message(main, *args):
     ("temperature=0", "temperature=0 must be a positive number"),
     ("temperature=-1", "temperature=-1 must be a positive number"),
     ("top_k=-2", "top_k=-2 must be an integer >= 0"),
+    ("seed=-1", "seed=-1 must be an integer from 0 to 4294967295"),
 ])
 def test_every_caption_key_is_checked(trained, override, message):
     from captioner.caption import main
