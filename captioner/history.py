@@ -58,15 +58,16 @@ class History(Callback):
         self.add_train_point(trainer)  # the last step, whatever the interval
         self.write(trainer)
         if trainer.is_global_zero:
-            self.plot()
+            self.plot(getattr(trainer.lightning_module, "train_loss", "cross-entropy"))
 
     def write(self, trainer):
         self.last = time.monotonic()
         if trainer.is_global_zero:
             atomic_write_text(self.path, json.dumps(self.history))
 
-    def plot(self):
-        """Loss and perplexity, train and val, log scale (the seed notebook's plots), as loss.png."""
+    def plot(self, train_loss="cross-entropy"):
+        """Loss and perplexity, train and val, log scale (the seed notebook's plots), as loss.png. A training loss
+        that is not a cross-entropy (SCST's policy loss, which can be negative) gets its own linear panel."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -75,13 +76,19 @@ class History(Callback):
         h = self.history
         if not h["iterations"] and not h["val_iterations"]:
             return
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        ce = train_loss == "cross-entropy"
+        fig, axes = plt.subplots(1, 2 if ce else 3, figsize=(10 if ce else 15, 4))
         for ax, f, title in ((axes[0], lambda x: x, "loss"), (axes[1], np.exp, "perplexity")):
-            ax.plot(h["iterations"], f(np.array(h["loss"], dtype=float)), label=f"train {title}")
+            if ce:
+                ax.plot(h["iterations"], f(np.array(h["loss"], dtype=float)), label=f"train {title}")
             ax.plot(h["val_iterations"], f(np.array(h["val_loss"], dtype=float)), "o-", label=f"val {title}")
             ax.set_yscale("log")
-            ax.set_xlabel("optimizer steps")
             ax.set_title(title)
+        if not ce:
+            axes[2].plot(h["iterations"], h["loss"], label=f"train {train_loss}")
+            axes[2].set_title(train_loss)
+        for ax in axes:
+            ax.set_xlabel("optimizer steps")
             ax.legend()
         fig.tight_layout()
         fig.savefig(self.path.with_name("loss.png"))

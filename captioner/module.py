@@ -15,6 +15,7 @@ from captioner.vocab import PAD, Vocabulary
 class CaptionModule(pl.LightningModule):
     """Everything needed to caption later is in the hyperparameters (and so in every checkpoint):
     the vocabulary, the encoder and its preprocessing, the model sizes and the word-vector choice."""
+    train_loss = "cross-entropy"  # what train/loss is (History plots it with val/loss, and its exp as perplexity)
 
     def __init__(self, itos, feature_dim, preprocess, embeddings, hidden_size=512, num_layers=1, rnn_type="lstm",
                  optimizer=None, learning_rate=1e-4, config=None, pretrained=None, has_vector=None, blind=False,

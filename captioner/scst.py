@@ -101,6 +101,7 @@ def baseline_of(rewards, k: int, kind: str, greedy_rewards=None):
 class SCSTModule(CaptionModule):
     """The cross-entropy module with an SCST training step. Same weights and hyperparameters, so its checkpoints
     caption, evaluate and serve like any other; settings come from the run config's `scst` block."""
+    train_loss = "SCST policy loss"  # what train/loss is (loss.png plots it apart from the cross-entropy)
 
     def settings(self) -> dict:
         return {**DEFAULTS, **((self.hparams.config or {}).get("scst") or {})}

@@ -203,6 +203,9 @@ def test_scst_starts_from_a_cross_entropy_checkpoint_and_resumes_from_its_own(tr
     assert len(scalars(run_dir, "train/reward")) == 6 and scalars(run_dir, "train/reward_baseline")
     assert len(scalars(run_dir, "val/CIDEr")) == 2
     assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    from PIL import Image  # loss.png: the policy loss in a third panel, not as a cross-entropy and its exp
+
+    assert Image.open(run_dir / "loss.png").size[0] == 3 * Image.open(trained["run_dir"] / "loss.png").size[0] // 2
     start = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
     own = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert own["global_step"] == 6  # a new stage: its own step count and optimizer, not the XE run's
