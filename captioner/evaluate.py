@@ -174,7 +174,7 @@ def compose_evaluate(overrides):
     data = OmegaConf.create(data)  # resolved when saved: Karpathy's split_file is a path under the old root
     old_root = str(data.root)
     OmegaConf.set_struct(data, True)  # a misspelt data.key is an error, as with data=<config>
-    for key, override in own.items():
+    for override in own.values():
         try:
             data.merge_with(OmegaConf.from_dotlist([override[len("data."):]]))
         except OmegaConfBaseException:

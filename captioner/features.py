@@ -42,7 +42,7 @@ class ImageFiles(Dataset):
     def __getitem__(self, i):
         try:
             with Image.open(self.paths[i]) as im:
-                # convert covers RGBA, grayscale, palette and CMYK alike
+                # to_rgb covers RGBA, grayscale of 1 to 32 bits, palette and CMYK alike
                 return self.transform(to_rgb(im)), i, ""
         except Exception as e:  # any undecodable file is skipped, not fatal
             return torch.zeros(self.blank, dtype=torch.uint8), i, f"{type(e).__name__}: {e}"
