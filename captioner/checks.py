@@ -151,6 +151,12 @@ def check_serve(cfg):
     device(cfg)
     number(cfg, "max_upload_mb", positive=True)
     number(cfg, "max_pixels", positive=True)
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS and cfg.max_pixels > 2 * Image.MAX_IMAGE_PIXELS:  # PIL refuses bigger images itself
+        raise CaptionerError(f"max_pixels={cfg.max_pixels} is above PIL's own decompression-bomb limit "
+                             f"({2 * Image.MAX_IMAGE_PIXELS} pixels), which refuses such images first; use at most "
+                             f"that.")
     integer(cfg, "max_side", 1)
     number(cfg, "batch_window_ms", low=0)
     integer(cfg, "max_batch", 1)

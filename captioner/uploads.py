@@ -74,6 +74,10 @@ class BodyLimit:
         return f"upload too large: the limit is {self.max_bytes - MULTIPART_SLACK} bytes"
 
 
+# the formats the page offers (a phone's MPO photo opens as JPEG), not all PIL knows: EPS would run Ghostscript
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+
+
 def too_large(detail):
     return HTTPException(413, f"image too large: {detail}")
 
@@ -86,7 +90,7 @@ def decode_image(data: bytes, max_pixels: float, max_side: int, size: int = 224)
     in the batching queue is small.
     """
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as im:
             w, h = im.size
             if max(w, h) > max_side:
                 raise too_large(f"{w}x{h} pixels, the limit is {max_side} pixels on the longer side")
@@ -97,7 +101,9 @@ def decode_image(data: bytes, max_pixels: float, max_side: int, size: int = 224)
             factor = (max(1, im.width // (2 * size)), max(1, im.height // (2 * size)))
             if factor == (1, 1):
                 return to_rgb(im)
-            im = im if im.mode in ("L", "RGB", "RGBA", "LA", "I", "F") else to_rgb(im)  # reduce needs one
+            if im.mode.startswith("I;16"):  # reduce needs one of its modes: 16-bit goes to 32-bit, 4 bytes a pixel
+                im = im.convert("I")
+            im = im if im.mode in ("L", "RGB", "RGBA", "LA", "I", "F") else to_rgb(im)
             return to_rgb(im.reduce(factor))  # the encoder squashes to size x size anyway
     except HTTPException:
         raise

@@ -23,10 +23,10 @@ def to_rgb(im):
     from PIL import Image
 
     if im.mode.startswith("I") or im.mode == "F":
-        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        a = np.nan_to_num(np.asarray(im, dtype=np.float32))  # one 4-byte copy of the pixels, scaled in place
         top = a.max(initial=0.0)
-        scale = 255.0 if im.mode == "F" and top <= 1.0 else 1.0 if top <= 255 else 255.0 / 65535.0
-        return Image.fromarray(np.clip(a * scale, 0, 255).round().astype(np.uint8), "L").convert("RGB")
+        a *= 255.0 if im.mode == "F" and top <= 1.0 else 1.0 if top <= 255 else 255.0 / 65535.0
+        return Image.fromarray(np.clip(a, 0, 255, out=a).round(out=a).astype(np.uint8), "L").convert("RGB")
     return im.convert("RGB")  # RGBA, grayscale, palette, CMYK, 1-bit alike
 
 

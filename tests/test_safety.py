@@ -234,6 +234,7 @@ def test_caption_reports_a_folder_it_cannot_read(trained, tmp_path):
     ("port=abc", "port=abc must be an integer from 0 to 65535"), ("port=70000", "port=70000 must be an integer"),
     ("beam_size=20", "beam_size=20 must be an integer from 1 to 10"), ("max_queue=0", "max_queue=0 must be"),
     ("device=cuda:7", "device=cuda:7"),
+    ("max_pixels=5e8", "max_pixels=500000000.0 is above PIL's own decompression-bomb limit (178956970 pixels)"),
 ])
 def test_every_serve_key_is_checked(trained, override, message):
     pytest.importorskip("fastapi")

@@ -120,6 +120,24 @@ def test_files_that_are_not_images_are_refused_with_a_reason(serve, images):
     truncated = images[0].read_bytes()[:200]
     response = post(client, truncated)
     assert response.status_code == 400 and "could not be decoded" in response.json()["detail"]
+    # a format PIL knows but the server does not take: EPS would hand the upload to Ghostscript
+    response = post(client, b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    assert response.status_code == 415 and "not an image" in response.json()["detail"]
+
+
+def test_a_16_bit_upload_is_reduced_in_32_bits_and_keeps_its_brightness():
+    """A 6000 x 6000 16-bit PNG (84 KB): PIL's convert would clip it white; reduce refuses 16-bit modes."""
+    import numpy as np
+
+    from captioner.uploads import decode_image
+
+    pixels = np.zeros((6000, 6000), np.uint16)
+    pixels[:, :3000] = 60_000
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    image = np.asarray(decode_image(buf.getvalue(), 40e6, 20_000, 224))
+    assert image.shape == (462, 462, 3)  # box-reduced by 6000 // 448 = 13
+    assert (image[:, 0] == 233).all() and (image[:, -1] == 0).all()  # 60000 / 257, not 255
 
 
 def test_huge_pixel_counts_are_refused_before_decoding(serve, images):
