@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from captioner import checks
 from captioner.cli import compose_config, one_line_errors, show_help
+from captioner.decoding import decode_options
 from captioner.inference import Captioner
 from captioner.uploads import MULTIPART_SLACK, BodyLimit, decode_image
 
@@ -36,11 +37,13 @@ class Batcher:
     """Collects queued requests for `window_ms` (or up to `max_batch`), then captions them in one encoder pass.
 
     Requests in one batch may ask for different decode options: their features are split by (beam_size, n_best)
-    and each group gets its own beam search. `batches` counts encoder forward passes, `images` the images in them.
+    and each group gets its own beam search. The other options (`decode`: max_len, length_penalty, temperature,
+    top_k) are the server's. `batches` counts encoder forward passes, `images` the images in them.
     """
 
-    def __init__(self, captioner: Captioner, window_ms=10, max_batch=32, max_len=20, max_queue=64):
-        self.captioner, self.window, self.max_batch, self.max_len = captioner, window_ms / 1000, max_batch, max_len
+    def __init__(self, captioner: Captioner, window_ms=10, max_batch=32, decode=None, max_queue=64):
+        self.captioner, self.window, self.max_batch = captioner, window_ms / 1000, max_batch
+        self.decode = dict(decode or {})
         self.max_queue = max_queue
         self.batches = self.images = 0
         self.task = self.queue = self.executor = None
@@ -117,7 +120,7 @@ class Batcher:
         results = [None] * len(images)
         for (beam_size, n_best), index in groups.items():
             captions = self.captioner.caption_features(features[index], beam_size=beam_size, n_best=n_best,
-                                                       max_len=self.max_len)
+                                                       **self.decode)
             for i, caps in zip(index, captions):
                 results[i] = caps
         return results
@@ -125,7 +128,8 @@ class Batcher:
 
 def create_app(captioner: Captioner, cfg) -> FastAPI:
     """The web app around an already loaded captioner; `cfg` holds the keys of conf/serve.yaml."""
-    batcher = Batcher(captioner, cfg.batch_window_ms, cfg.max_batch, cfg.max_len, cfg.max_queue)
+    server_wide = {k: v for k, v in decode_options(cfg).items() if k not in ("beam_size", "n_best")}
+    batcher = Batcher(captioner, cfg.batch_window_ms, cfg.max_batch, server_wide, cfg.max_queue)
     max_bytes = int(cfg.max_upload_mb * 2**20)
     page = PAGE.read_text()
     decoding = None  # an asyncio.Semaphore(max_decoding), made inside the event loop
@@ -167,6 +171,9 @@ def create_app(captioner: Captioner, cfg) -> FastAPI:
         """Caption one image: its `n_best` most likely captions, probabilities normalised over them."""
         if n_best > beam_size:
             raise HTTPException(422, f"n_best={n_best} must not exceed beam_size={beam_size}")
+        if n_best > 1 and cfg.temperature is not None:
+            raise HTTPException(422, f"n_best={n_best} needs beam search; this server samples one caption "
+                                     f"(temperature={cfg.temperature})")
         data = await file.read(max_bytes + 1)
         if len(data) > max_bytes:
             raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")

@@ -72,9 +72,19 @@ def test_caption_returns_ranked_captions_and_the_model(serve, captioner, images)
     assert all(c["caption"] for c in body["captions"])
 
 
-def test_decode_defaults_come_from_the_config(serve, images):
+def test_decode_defaults_come_from_the_config(serve, captioner, images):
     assert len(post(serve(), images[0].read_bytes()).json()["captions"]) == 1
     assert len(post(serve("beam_size=4", "n_best=2"), images[0].read_bytes()).json()["captions"]) == 2
+    # the server-wide options: max_len, length_penalty, and sampling (decode=sample), which needs n_best=1
+    image = Image.open(images[0])
+    short = post(serve("max_len=2", "length_penalty=1.0"), images[0].read_bytes()).json()["captions"][0]["caption"]
+    assert short == captioner.caption([image], beam_size=3, max_len=2, length_penalty=1.0)[0][0][0]
+    assert len(short.split()) <= 2
+    sampling = serve("decode=sample", "temperature=5.0", "top_k=50")
+    sampled = {post(sampling, images[0].read_bytes()).json()["captions"][0]["caption"] for _ in range(4)}
+    assert len(sampled) > 1, "hot sampling gives different captions, beam search one"
+    response = post(sampling, images[0].read_bytes(), n_best="2", beam_size="3")
+    assert response.status_code == 422 and "n_best=2 needs beam search" in response.json()["detail"]
 
 
 def test_health_page_and_docs(serve, captioner):
