@@ -189,6 +189,8 @@ def check_run(cfg):
     for key in ("data_dir", "cache_dir", "run_dir"):  # a read-only cache is one sentence, not a PermissionError
         writable_dir(cfg.paths[key], f"paths.{key}")
     check_data(cfg)
+    if "dim" in (_get(cfg, "embeddings") or {}):  # learned vectors' size (pretrained ones bring theirs)
+        integer(cfg, "embeddings.dim", 1)
     accelerator = str(_get(cfg, "trainer.accelerator") or "auto")
     if accelerator in ("gpu", "cuda"):
         import torch
@@ -241,6 +243,17 @@ def check_recipes(cfg):
         number(cfg, "weight_decay", low=0)
     if cfg.scheduler.name not in ("none", "step", "cosine", "plateau"):
         raise CaptionerError(f"scheduler={cfg.scheduler.name} is not one of none, step, cosine, plateau.")
+    for key, ok, where in (("gamma", lambda v: 0 < v <= 1, "in (0, 1]"),
+                           ("warmup_start_factor", lambda v: 0 < v <= 1, "in (0, 1]"),
+                           ("min_factor", lambda v: 0 <= v <= 1, "in [0, 1]"),
+                           ("factor", lambda v: 0 < v < 1, "in (0, 1)")):
+        # torch's schedulers refuse bad values only when built: after the caches, or (step) an epoch in
+        if key in cfg.scheduler and not (_is_number(cfg.scheduler[key]) and ok(cfg.scheduler[key])):
+            raise CaptionerError(f"scheduler.{key}={cfg.scheduler[key]} must be a number {where}.")
+    for key, low in (("step_size", 1), ("warmup_steps", 0), ("patience", 0)):
+        if key in cfg.scheduler:
+            integer(cfg, f"scheduler.{key}", low)
+    integer(cfg, "scst.max_len", 1)
     if cfg.objective not in ("xe", "scst"):
         raise CaptionerError(f"objective={cfg.objective} is not one of xe, scst.")
     if cfg.scst.baseline not in ("mean", "greedy"):

@@ -137,6 +137,14 @@ def test_resuming_with_another_architecture_is_one_sentence(cfg_factory, trained
     # best.ckpt's metric: one that training logs (SPICE is not computed during training), else Lightning fails
     # when it first looks for it, after an epoch or more of training
     ("seed=-1", "seed=-1 must be an integer from 0 to 4294967295"),  # numpy's generators refuse it, late
+    # the settings of the scheduler, SCST and learned vectors: torch refuses them only once built, after the caches
+    ("scheduler=plateau scheduler.factor=2", r"scheduler.factor=2 must be a number in \(0, 1\)"),
+    ("scheduler=step scheduler.step_size=0", "scheduler.step_size=0 must be a positive integer"),
+    ("scheduler=cosine scheduler.warmup_start_factor=0",
+     r"scheduler.warmup_start_factor=0 must be a number in \(0, 1\]"),
+    ("scheduler=cosine scheduler.warmup_steps=-1", "scheduler.warmup_steps=-1 must be an integer >= 0"),
+    ("scst.max_len=0", "scst.max_len=0 must be a positive integer"),
+    ("embeddings=learned embeddings.dim=0", "embeddings.dim=0 must be a positive integer"),
     ("checkpoint_monitor=val/cider", "checkpoint_monitor=val/cider is not one of val/loss, val/ppl, val/Bleu_1"),
     ("checkpoint_monitor=val/SPICE", "checkpoint_monitor=val/SPICE is not one of"),
     ("checkpoint_monitor=val/CIDEr eval_every=0", r"checkpoint_monitor=val/CIDEr needs eval_every > 0 \(it is 0\)"),
