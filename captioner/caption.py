@@ -38,7 +38,7 @@ def caption_files(captioner: Captioner, files, batch_size=64, **decode):
         images, ok = [], []
         for f in files[start:start + batch_size]:
             try:
-                images.append(open_image(f))
+                images.append(captioner.encoder_input(open_image(f)))  # not a batch of full-size photos in memory
                 ok.append(f)
             except Exception as e:  # any unreadable file: report it and go on with the rest
                 yield f, None, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__

@@ -47,12 +47,16 @@ class Captioner:
                 "image_size": self.preprocess["image_size"], "rnn_type": hp.rnn_type, "hidden_size": hp.hidden_size,
                 "num_layers": hp.num_layers, "vocabulary": len(self.vocab), "embeddings": hp.embeddings.get("name")}
 
+    def encoder_input(self, image) -> torch.Tensor:
+        """A PIL image (any mode) -> the encoder's input for it: small, so the full-size image can be let go."""
+        return self.transform(to_rgb(image))
+
     @torch.no_grad()
     def features(self, images) -> torch.Tensor:
-        """PIL images (any mode) -> encoder features [n, dim]."""
-        x = torch.stack([self.transform(to_rgb(im)) for im in images]).to(self.device)
+        """PIL images (any mode), or their encoder_input tensors -> encoder features [n, dim]."""
+        x = torch.stack([im if isinstance(im, torch.Tensor) else self.encoder_input(im) for im in images])
         with torch.autocast(**self.autocast):
-            return self.encoder(x).float()
+            return self.encoder(x.to(self.device)).float()
 
     def caption_features(self, features, **decode):
         """-> one list of (caption, probability) per image (see captioner.decoding.captions for the options)."""
