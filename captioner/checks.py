@@ -142,6 +142,21 @@ def check_evaluate(cfg):
         writable_file(cfg.output, "output")
 
 
+def check_download(cfg):
+    text(cfg, "root")
+    for key in ("base_url", "karpathy_url"):
+        text(cfg, key)
+    number(cfg, "timeout", positive=True)
+    integer(cfg, "retries", 0)
+    for key in ("keep_zips", "progress"):
+        boolean(cfg, key)
+    parts = cfg.parts
+    if isinstance(parts, str):
+        parts = [parts]
+    if not parts or not all(isinstance(p, str) for p in parts):
+        raise CaptionerError(f"parts={cfg.parts} must be a non-empty list of part names.")
+
+
 def check_serve(cfg):
     integer(cfg, "max_beam_size", 1)
     decoding(cfg, cfg.max_beam_size)

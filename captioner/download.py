@@ -22,6 +22,7 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
+from captioner import checks
 from captioner.cli import compose_config, one_line_errors, show_help
 from captioner.utils import CaptionerError
 
@@ -206,6 +207,7 @@ def main(argv=None):
     if bad := [a for a in argv if "=" not in a]:
         raise CaptionerError(f"unexpected argument {bad[0]!r}; usage: python -m captioner.download [key=value ...].")
     cfg = compose_config("download", argv)
+    checks.check_download(cfg)  # every key before any request (part names: download checks them against PARTS)
     root = download(cfg.root, cfg.parts, cfg.base_url, cfg.timeout, cfg.retries, cfg.keep_zips, cfg.progress,
                     cfg.karpathy_url)
     log.info("COCO 2017 (%s) is in %s.", ", ".join(map(str, cfg.parts)), root)

@@ -246,3 +246,16 @@ def test_config_root_and_parts(monkeypatch, tmp_path):
     assert compose_config("download", []).karpathy_url == dl.KARPATHY
     with pytest.raises(CaptionerError, match="unknown part 'test2017'"):
         dl.download(tmp_path, ["test2017"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("retries=-1", "retries=-1 must be an integer >= 0"),  # the retry loop never ran: a traceback, no request
+    ("retries=abc", "retries=abc must be an integer >= 0"), ("timeout=0", "timeout=0 must be a positive number"),
+    ("parts=[]", "parts=[] must be a non-empty list of part names"), ("parts=[bogus]", "unknown part 'bogus'"),
+    ("progress=maybe", "progress=maybe must be true or false"),
+])
+def test_every_download_key_is_checked_before_any_request(tmp_path, override, message):
+    with pytest.raises(SystemExit) as exit:
+        dl.main([f"root={tmp_path / 'coco'}", "base_url=http://127.0.0.1:9", override])  # nothing listens there
+    assert str(exit.value.code).startswith("error: ") and message in str(exit.value.code)
+    assert not (tmp_path / "coco").exists()
