@@ -54,23 +54,28 @@ def _glove50():
 
 
 def _text_file(path):
-    """word2vec text (an optional 'count dim' header line) or GloVe text: a word, then its numbers, per line."""
-    words, rows = [], []
+    """word2vec text (an optional 'count dim' header line) or GloVe text: a word, then its numbers, per line. The
+    numbers are the last `dim` fields (from the header or the first line), so a word may hold spaces (GloVe 840B
+    has ". . .")."""
+    words, rows, dim = [], [], None
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
-            parts = line.rstrip().split(" ")
-            if parts == [""]:
+            line = line.rstrip()
+            if not line:
                 continue  # blank lines (often the last one)
+            parts = line.split(" ") if dim is None else line.rsplit(" ", dim)
             if n == 1 and len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit():
-                continue  # word2vec header
+                dim = int(parts[1])  # word2vec header
+                continue
             try:
                 row = np.asarray(parts[1:], dtype=np.float32)
             except ValueError:
                 row = None
             if row is None or not len(row):
                 raise CaptionerError(f"{path}, line {n}: expected a word followed by numbers.")
-            if rows and len(row) != len(rows[0]):
-                raise CaptionerError(f"{path}, line {n}: {len(row)} numbers where earlier lines have {len(rows[0])}.")
+            dim = dim or len(row)
+            if len(row) != dim:
+                raise CaptionerError(f"{path}, line {n}: {len(row)} numbers where earlier lines have {dim}.")
             words.append(parts[0])
             rows.append(row)
     if not rows:

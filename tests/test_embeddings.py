@@ -187,8 +187,9 @@ def test_glove50_is_converted_once_and_reused(tmp_path, monkeypatch):
 @pytest.mark.parametrize("header", [False, True], ids=["glove", "word2vec"])
 def test_text_file_vectors(cfg_factory, tmp_path, header):
     lines = [f"{w} " + " ".join(str(x) for x in VECTORS[w]) for w in ("red", "blue", "circle")]
+    lines.insert(1, ". . . 0.1 0.2 0.3 0.4 0.5")  # a word holding spaces, as GloVe 840B has
     path = tmp_path / "vectors.txt"
-    path.write_text("".join(line + "\n" for line in (["3 5"] if header else []) + lines) + "\n", encoding="utf-8")
+    path.write_text("".join(line + "\n" for line in (["4 5"] if header else []) + lines) + "\n", encoding="utf-8")
     cfg = cfg_factory("embeddings=text", f"embeddings.path={path}")
     nlp = load_vectors(cfg.embeddings, cfg.paths.cache_dir)
     matrix, has = embedding_matrix(nlp, SPECIALS + ["red", "blue", "circle", "square"])
