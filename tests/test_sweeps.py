@@ -130,3 +130,13 @@ def test_results_table_is_rebuilt_from_every_job_file(tmp_path):
 def read_table_after(write, sweep):
     write(sweep)
     return read_table(sweep)
+
+
+def test_a_failed_jobs_error_is_its_first_line_or_its_type():
+    """A bare MemoryError() has no message: its row must still be written (splitlines()[0] raised IndexError,
+    and Hydra dropped the row with a warning)."""
+    from captioner.sweep import first_line
+
+    assert first_line(ValueError("rnn_type=foo is not one of lstm, gru, rnn.\nmore")) == \
+        "rnn_type=foo is not one of lstm, gru, rnn."
+    assert first_line(MemoryError()) == "MemoryError"
