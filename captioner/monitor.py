@@ -6,6 +6,9 @@ Decoding runs on the cached validation features (no image decoding); scoring run
 broadcast, so every process logs the same numbers.
 """
 import logging
+import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -61,7 +64,36 @@ def holds_last_step(trainer) -> bool:
                                         and trainer.global_step + steps > trainer.max_steps - 1)
 
 
-class BestCheckpoint(ModelCheckpoint):
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint for a run that may resume another one: every run, resumed or not, writes into its own run
+    dir, and ModelCheckpoint keeps its state (best score, paths) only when resumed in the same folder, warning
+    otherwise. Here a resumed run takes the state over as if it had been saved in the new folder: the previous
+    best checkpoint is copied in (so best.ckpt stays the best of the whole training, not of the part since the
+    resume), and no path into the old run dir is kept, so nothing there is ever deleted."""
+
+    @property
+    def state_key(self) -> str:  # ModelCheckpoint's, so runs saved before this class resume with their state
+        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
+
+    def load_state_dict(self, state_dict):
+        old_dir = state_dict.get("dirpath")
+        if self.dirpath is None or old_dir is None or Path(old_dir) == Path(self.dirpath):
+            return super().load_state_dict(state_dict)
+        best, score = state_dict.get("best_model_path") or "", state_dict.get("best_model_score")
+        state = {**state_dict, "dirpath": self.dirpath, "best_model_path": "", "kth_best_model_path": "",
+                 "best_k_models": {}, "kth_value": self.kth_value, "last_model_path": "", "best_model_score": None}
+        if self.monitor and score is not None and Path(best).is_file():
+            here = str(Path(self.dirpath) / Path(best).name)
+            Path(self.dirpath).mkdir(parents=True, exist_ok=True)
+            tmp = Path(self.dirpath) / f".{Path(best).name}.{os.getpid()}.tmp"
+            shutil.copyfile(best, tmp)
+            os.replace(tmp, here)
+            state.update(best_model_path=here, kth_best_model_path=here, best_k_models={here: score}, kth_value=score,
+                         best_model_score=score)
+        super().load_state_dict(state)
+
+
+class BestCheckpoint(RunCheckpoint):
     """ModelCheckpoint for best.ckpt. Its own schedule (`every_n_epochs`, set to eval_every for an evaluation
     metric) misses the extra evaluation of the last epoch, so that one is compared here too (before the parent's
     hook, which then sees this step saved and does nothing).
@@ -72,10 +104,6 @@ class BestCheckpoint(ModelCheckpoint):
     parent would only warn that the monitored key is missing)."""
 
     resumed_at = None  # the global step a run starts (or resumes) at
-
-    @property
-    def state_key(self) -> str:  # ModelCheckpoint's, so runs saved before this class resume with their best score
-        return "ModelCheckpoint" + super().state_key[len(type(self).__qualname__):]
 
     def on_train_start(self, trainer, pl_module):
         self.resumed_at = trainer.global_step

@@ -1,4 +1,5 @@
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -33,16 +34,55 @@ def test_training_lowers_the_loss_and_writes_val_ppl_and_checkpoints(trained):
     assert "optimizer_states" in ckpt and ckpt["global_step"] > 0
 
 
+def best_state(ckpt) -> dict:
+    return next(v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint") and v.get("monitor"))
+
+
+def test_a_resumed_run_copies_the_best_checkpoint_and_its_score_into_its_own_folder(tmp_path):
+    """Lightning keeps a ModelCheckpoint's best score only when resumed in the same folder; every captioner run
+    has its own, so the state is carried over: the previous best file copied in, nothing in the old folder kept."""
+    from captioner.monitor import BestCheckpoint, RunCheckpoint
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    (old / "best.ckpt").write_bytes(b"the best weights")
+    saved = {"monitor": "val/loss", "best_model_score": torch.tensor(1.25), "best_model_path": str(old / "best.ckpt"),
+             "dirpath": str(old), "best_k_models": {str(old / "best.ckpt"): torch.tensor(1.25)},
+             "kth_best_model_path": str(old / "best.ckpt"), "kth_value": torch.tensor(1.25),
+             "last_model_path": str(old / "last.ckpt"), "current_score": torch.tensor(1.3)}
+    best = BestCheckpoint(dirpath=new, filename="best", monitor="val/loss")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "dirpath has changed"
+        best.load_state_dict(saved)
+    assert (new / "best.ckpt").read_bytes() == b"the best weights"
+    assert best.best_model_path == best.kth_best_model_path == str(new / "best.ckpt")
+    assert float(best.best_model_score) == float(best.kth_value) == 1.25 and best.last_model_path == ""
+    periodic = RunCheckpoint(dirpath=new, filename="periodic-{step}")  # no monitor: nothing to carry
+    periodic.load_state_dict({**saved, "monitor": None, "best_model_path": str(old / "periodic-step=3.ckpt")})
+    assert periodic.best_model_path == "" and periodic.best_k_models == {}
+    same = BestCheckpoint(dirpath=old, filename="best", monitor="val/loss")  # resumed in place: Lightning's own way
+    same.load_state_dict(saved)
+    assert same.best_model_path == str(old / "best.ckpt") and same.last_model_path == str(old / "last.ckpt")
+
+
 def test_resume_continues_the_step_count(cfg_factory):
     first = cfg_factory("iterations=4", "trainer.val_check_interval=2", run="first")
     train(first)
     last = Path(first.paths.run_dir) / "checkpoints" / "last.ckpt"
     assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 4
     second = cfg_factory("iterations=7", f"ckpt_path={last}", run="second")
-    train(second)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(second)
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]  # the state came along
     resumed = torch.load(Path(second.paths.run_dir) / "checkpoints" / "last.ckpt", map_location="cpu",
                          weights_only=False)
     assert resumed["global_step"] == 7
+    # best.ckpt is the best of the whole training, in the new run dir: compared with the first part's best
+    before = best_state(torch.load(last, map_location="cpu", weights_only=False))
+    after = best_state(resumed)
+    assert after["best_model_path"] == str(Path(second.paths.run_dir) / "checkpoints" / "best.ckpt")
+    assert after["best_model_score"] <= before["best_model_score"] and Path(after["best_model_path"]).is_file()
     # the optimizer state came along: Adam's step counter continues too
     state = resumed["optimizer_states"][0]["state"]
     assert int(next(iter(state.values()))["step"]) == 7
