@@ -22,6 +22,11 @@ class CaptionSplit:
     captions: list  # list of caption strings per image, same order
 
 
+def has_words(caption: str) -> bool:
+    """Whether a caption has a word to learn from: "" and "..." do not (they would teach an empty caption)."""
+    return any(ch.isalnum() for ch in caption)
+
+
 def annotation_path(root, split: str) -> Path:
     return Path(root) / "annotations" / f"captions_{split}.json"
 
@@ -73,7 +78,7 @@ def load_split(root, split: str) -> CaptionSplit:
         empty = 0
         for ann in data["annotations"]:
             text = str(ann["caption"]).strip()
-            if not text:
+            if not has_words(text):
                 empty += 1
                 continue
             captions.setdefault(int(ann["image_id"]), []).append(text)
@@ -144,7 +149,7 @@ def load_karpathy_split(split_file, image_root, split_names, find_images=True, d
                 coco_ids.add(i)
             files[i] = f"{img['filepath']}/{img['filename']}" if img.get("filepath") else str(img["filename"])
             texts = [str(s.get("raw") or " ".join(s.get("tokens", []))).strip() for s in img["sentences"]]
-            captions[i] = [t for t in texts if t]
+            captions[i] = [t for t in texts if has_words(t)]
             empty += len(texts) - len(captions[i])
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise CaptionerError(f"{split_file} has an image entry without a valid {e} field; expected 'filename', "

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>"]
 PAD, START, END, UNK = range(4)
-TOKENIZER_VERSION = 1
+TOKENIZER_VERSION = 2  # 2: captions without a letter or digit ("...") are dropped as empty
 
 
 def make_tokenizer():
