@@ -20,11 +20,16 @@ def test_trainer_group_composes_and_instantiates(trainer):
     cfg = compose_full(f"trainer={trainer}")
     if cfg.trainer.accelerator == "gpu":
         assert cfg.trainer.precision == "bf16-mixed"
-        return  # no GPU here: composing is what can be checked
+        if trainer == "ddp":  # every GPU of each node
+            assert cfg.trainer.strategy == "ddp" and cfg.trainer.devices == "auto" and cfg.trainer.num_nodes == 1
+        else:
+            assert cfg.trainer.devices == 1
+        cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.precision = "cpu", 1, "32-true"  # no GPU here
     t = hydra.utils.instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert isinstance(t, Trainer)
     if trainer == "ddp_cpu":
-        assert t.num_devices == 2 and type(t.strategy).__name__ == "DDPStrategy"
+        assert t.num_devices == 2
+    assert (type(t.strategy).__name__ == "DDPStrategy") == trainer.startswith("ddp")
 
 
 @pytest.mark.parametrize("logger, cls", [("tensorboard", "TensorBoardLogger"), ("csv", "CSVLogger"), ("none", None)])
@@ -55,6 +60,7 @@ def test_same_seed_same_val_loss(cfg_factory):
     a = train(cfg_factory("iterations=4", "seed=3", run="a"))
     b = train(cfg_factory("iterations=4", "seed=3", run="b"))
     assert a == b
+    assert train(cfg_factory("iterations=4", "seed=4", run="c")) != a  # and the seed is the one that counts
 
 
 def read_table(sweep):
