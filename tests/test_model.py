@@ -108,6 +108,26 @@ def test_sampling_is_seedable():
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("temperature, top_k", [(0.5, 0), (2.0, 0), (1.0, 3), (0.7, 4)])
+def test_temperature_and_top_k_shape_the_sampled_distribution(temperature, top_k):
+    """The first word's draws follow softmax(logits / temperature) over the top_k most likely words only."""
+    model = make_model().eval()
+    with torch.no_grad():
+        model.out.weight.mul_(8)  # a peaked distribution, so temperature and top_k visibly change it
+    features = torch.randn(1, 10, generator=torch.Generator().manual_seed(2)).repeat(20000, 1)
+    tokens = sample(model, features, 1, temperature, top_k, torch.Generator().manual_seed(0))[:, 0]
+    with torch.no_grad():
+        logits, _ = model.step(torch.full((1,), START), model.initial_state(features[:1]))
+    logits[:, [PAD, START]] = float("-inf")
+    if top_k:
+        logits[logits < logits.topk(top_k).values[:, -1:]] = float("-inf")
+    expected = (logits / temperature).softmax(-1)[0]
+    observed = torch.bincount(tokens, minlength=len(expected)).float() / len(tokens)
+    assert (observed - expected).abs().max() < 0.015
+    assert set(tokens.unique().tolist()) <= set(expected.nonzero().view(-1).tolist())
+    assert not top_k or len(tokens.unique()) == top_k
+
+
 def test_loss_on_real_tokens_equals_padded_cross_entropy():
     """Computing the output layer on real positions only must not change the loss (the speed path)."""
     from captioner.module import CaptionModule
