@@ -173,9 +173,13 @@ def run_cfg(cfg_factory, *overrides, run):
     ("none", lambda lr: len(set(lr)) == 1 and lr[0] == pytest.approx(3e-3)),
     ("step", lambda lr: lr[0] == pytest.approx(3e-3) and lr[-1] == pytest.approx(3e-3 * 0.5 ** 2)),
     ("cosine", lambda lr: lr[0] < lr[2] and lr[-1] < 0.3 * max(lr)),
-    ("plateau", lambda lr: lr[0] == pytest.approx(3e-3))])
+    # a rate too small to move val/loss (by ReduceLROnPlateau's 1e-4 threshold) but above its eps (1e-8): it
+    # stalls, and with patience 0 the rate halves after the second epoch
+    ("plateau", lambda lr: lr[:6] == pytest.approx([1e-7] * 6, abs=1e-12) and
+     lr[6:] == pytest.approx([5e-8] * 3, abs=1e-12))])
 def test_scheduler_changes_train_lr(cfg_factory, scheduler, check):
-    extra = {"step": ["scheduler.step_size=1", "scheduler.gamma=0.5"], "cosine": ["scheduler.warmup_steps=3"]}
+    extra = {"step": ["scheduler.step_size=1", "scheduler.gamma=0.5"], "cosine": ["scheduler.warmup_steps=3"],
+             "plateau": ["learning_rate=1e-7", "scheduler.patience=0", "scheduler.factor=0.5"]}
     cfg = run_cfg(cfg_factory, f"scheduler={scheduler}", "epochs=3", *extra.get(scheduler, []), run=scheduler)
     train(cfg)
     lr = scalars(Path(cfg.paths.run_dir), "train/lr")
@@ -186,10 +190,17 @@ def test_regularisers_reach_the_model_and_optimizer(cfg_factory):
     cfg = run_cfg(cfg_factory, "dropout=0.3", "label_smoothing=0.1", "weight_decay=0.05", "optimizer=adamw",
                   "scheduled_sampling.max_prob=0.25", "scheduled_sampling.increase_every=1",
                   "scheduled_sampling.increase_prob=0.25", "epochs=2", run="reg")
-    train(cfg)
+    calls = []  # which loss each training step used: scheduled sampling's from the epoch where p > 0
+    original = CaptionModule.scheduled_sampling_loss
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CaptionModule, "scheduled_sampling_loss",
+                   lambda self, batch, p: calls.append((self.current_epoch, p)) or original(self, batch, p))
+        train(cfg)
+    assert calls == [(1, 0.25)] * 3  # epoch 0: p = 0, the plain loss; epoch 1: p = 0.25 for its 3 steps
     ckpt = torch.load(Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     hp = ckpt["hyper_parameters"]
     assert hp["dropout"] == 0.3 and hp["label_smoothing"] == 0.1
+    assert CaptionModule(**hp).model.drop.p == 0.3  # the checkpoint's model has its dropout
     assert ckpt["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.05
     assert scalars(Path(cfg.paths.run_dir), "train/ss_prob") == pytest.approx([0.0, 0.25])
 
