@@ -140,6 +140,13 @@ class Counting(torch.nn.Module):
         return x.mean((2, 3))
 
 
+class Pooling(torch.nn.Module):
+    """A stand-in encoder that keeps where each colour is: the normalised input, average-pooled to 4 x 4 a channel."""
+
+    def forward(self, x):
+        return torch.nn.functional.adaptive_avg_pool2d(x, 4).flatten(1)
+
+
 def test_cache_is_reused_and_an_interrupted_run_restarts_cleanly(tmp_path):
     split = write_split(tmp_path / "data", 6)
     with pytest.raises(KeyboardInterrupt):
@@ -276,6 +283,9 @@ def test_gpu_decoding_path_matches_pil_and_keeps_the_skip_policy(tmp_path, caplo
     as decoding with PIL, and the same images skipped and listed."""
     split = write_split(tmp_path / "data", 10)
     d = split.image_dir
+    for k, f in enumerate(split.files):  # colour that changes along each axis: a flip or a channel swap shows
+        y, x = np.mgrid[0:40, 0:40 + k]
+        Image.fromarray(np.stack([x * 255 // (39 + k), y * 6, 255 - y * 6], -1).astype(np.uint8)).save(d / f)
     rgb = Image.open(d / split.files[5]).convert("RGB")
     for k, (mode, fmt) in enumerate([("RGB", "JPEG"), ("L", "JPEG"), ("CMYK", "JPEG"), ("RGB", "PNG")], 5):
         rgb.convert(mode).save(d / split.files[k], fmt, quality=90)  # .png names: the content decides, not the name
@@ -285,7 +295,7 @@ def test_gpu_decoding_path_matches_pil_and_keeps_the_skip_policy(tmp_path, caplo
     out = {}
     for gpu in (False, True):
         folder = extract_split(split, lite0(), tmp_path / f"cache-{gpu}", batch_size=4, num_workers=0,
-                               encoder=Counting(), gpu_decode=gpu)
+                               encoder=Pooling(), gpu_decode=gpu)
         feats, ids = load_features(folder)
         skipped = sorted(line.split("\t")[0] for line in (folder / "skipped.txt").read_text().splitlines())
         out[gpu] = (np.asarray(feats, np.float32), ids.tolist(), skipped)
