@@ -108,7 +108,7 @@ def test_a_run_validates_at_its_last_step(cfg_factory, length, validated_at):
     best.ckpt; before, the run reported the last epoch end's model, or nothing. So is the last epoch when
     check_val_every_n_epoch skips it (before, a run reported the model of its last validation epoch)."""
     cfg = cfg_factory(*length.split(), "eval_every=100", "eval_max_images=8", run="short")
-    assert train(cfg) > 1
+    assert math.isfinite(train(cfg))
     run_dir = Path(cfg.paths.run_dir)
     assert json.loads((run_dir / "history.json").read_text())["val_iterations"] == validated_at
     acc = EventAccumulator(str(run_dir / "tensorboard"))
