@@ -73,8 +73,8 @@ def test_captions_policy_empty_dropped_uncaptioned_left_out_non_ascii_kept(tmp_p
     root = coco_copy(tmp_path / "coco", {"train2017": 3})
     photo = lambda p: shutil.copy(next((root / "train2017").glob("*.jpg")), p)  # noqa: E731
     add_image(root, "train2017", 950, "no-captions.jpg", [], photo)
-    add_image(root, "train2017", 951, "x.jpg", ["", " \t", "...", "?!", "Ein Hund läuft über die Straße.", "狗在跑"],
-              photo)  # punctuation alone is empty too: it would teach an empty caption
+    captions = ["", " \t", "...", "?!", "Ein Hund läuft über die Straße.", "狗在跑"]  # punctuation alone is empty too
+    add_image(root, "train2017", 951, "x.jpg", captions, photo)
     with caplog.at_level(logging.WARNING, logger="captioner.coco"):
         split = load_split(root, "train2017")
     assert 950 not in split.image_ids and 951 in split.image_ids and len(split.image_ids) == 4
