@@ -125,12 +125,13 @@ def evaluate_cached(captioner, split: CaptionSplit, cache_dir, max_images=None, 
     return results, metrics, {k: round(v, 3) for k, v in seconds.items()}
 
 
-def evaluate_checkpoint(cfg):
-    """Checkpoint mode: caption a split, write the COCO results file -> (metrics, report, metrics output path)."""
+def evaluate_checkpoint(cfg, checkpoint=None):
+    """Checkpoint mode: caption a split, write the COCO results file -> (metrics, report, metrics output path).
+    `checkpoint`: cfg.ckpt_path's contents when already loaded (compose_evaluate)."""
     from captioner.inference import Captioner
 
     split = checkpoint_split(cfg)
-    captioner = Captioner(cfg.ckpt_path, cfg.device)
+    captioner = Captioner(cfg.ckpt_path, cfg.device, checkpoint)
     decode = decode_options(cfg)
     seconds = None
     if cfg.cached_features:
@@ -155,22 +156,26 @@ def default_output_dir(ckpt_path: Path) -> Path:
 
 
 def compose_evaluate(overrides):
-    """The evaluate config, its keys checked. In checkpoint mode without a `data=` choice, `data` is the config the
-    checkpoint was trained on (its dataset, root and splits, as recorded in it), with any `data.key=value`
-    overrides applied."""
+    """(the evaluate config, its keys checked; the loaded checkpoint or None). In checkpoint mode without a `data=`
+    choice, `data` is the config the checkpoint was trained on (its dataset, root and splits, as recorded in it),
+    with any `data.key=value` overrides applied; the checkpoint read for it is returned, to be loaded only once,
+    and `ckpt_path` names that file (`last` is resolved once)."""
     overrides = list(overrides)
     chosen = any(o.split("=")[0].lstrip("+") == "data" for o in overrides)
     own = {} if chosen else {o.split("=")[0][len("data."):]: o for o in overrides if o.startswith("data.")}
     cfg = compose_config("evaluate", [o for o in overrides if o not in own.values()])
     checks.check_evaluate(cfg)  # every key, and that the outputs can be written, before any work
     if chosen or cfg.results is not None:
-        return compose_config("evaluate", overrides) if own else cfg
+        return (compose_config("evaluate", overrides) if own else cfg), None
     from captioner.checkpoint import load_checkpoint, resolve_checkpoint
 
     path = resolve_checkpoint(cfg.ckpt_path)
-    data = (load_checkpoint(path)["hyper_parameters"].get("config") or {}).get("data")
+    checkpoint = load_checkpoint(path)
+    data = (checkpoint["hyper_parameters"].get("config") or {}).get("data")
     if not data:  # a checkpoint that does not record its data: the default of conf/evaluate.yaml
-        return compose_config("evaluate", overrides)
+        cfg = compose_config("evaluate", overrides)
+        cfg.ckpt_path = str(path)
+        return cfg, checkpoint
     data = OmegaConf.create(data)  # resolved when saved: Karpathy's split_file is a path under the old root
     old_root = str(data.root)
     OmegaConf.set_struct(data, True)  # a misspelt data.key is an error, as with data=<config>
@@ -183,10 +188,10 @@ def compose_evaluate(overrides):
     for key, value in data.items():  # a new data.root moves the paths that were under the old one
         if isinstance(value, str) and value.startswith(f"{old_root}/") and key not in own:
             data[key] = f"{data.root}{value[len(old_root):]}"
-    cfg.data = data
+    cfg.data, cfg.ckpt_path = data, str(path)
     log.info("Evaluating on %s at %s, the data %s was trained on (data=<config> chooses another).",
              data.get("name"), data.root, path)
-    return cfg
+    return cfg, checkpoint
 
 
 @one_line_errors
@@ -194,7 +199,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if show_help(argv, __doc__, "evaluate"):
         return
-    cfg = compose_evaluate(argv)
+    cfg, checkpoint = compose_evaluate(argv)
     if cfg.results:
         if not cfg.annotations:
             raise CaptionerError("results= needs annotations=<COCO captions JSON> to score against.")
@@ -203,7 +208,7 @@ def main(argv=None):
         report = {"results": str(cfg.results), "annotations": str(cfg.annotations), "images": len(results)}
         output = cfg.output
     else:
-        metrics, report, output = evaluate_checkpoint(cfg)
+        metrics, report, output = evaluate_checkpoint(cfg, checkpoint)
     for name, value in metrics.items():
         print(f"{name}\t{value:.4f}" if isinstance(value, float) else f"{name}\t{value}")
     if output:

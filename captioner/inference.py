@@ -19,10 +19,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 class Captioner:
-    def __init__(self, ckpt_path, device="auto"):
+    def __init__(self, ckpt_path, device="auto", checkpoint=None):
+        """`checkpoint`: ckpt_path's contents, when the caller has loaded them already (with load_checkpoint)."""
         self.ckpt_path = resolve_checkpoint(ckpt_path)
         self.device = check_device(device)  # first: a missing GPU is its own sentence, not a checkpoint problem
-        ckpt = load_checkpoint(self.ckpt_path)  # safe: plain data and tensors only, never code
+        ckpt = checkpoint or load_checkpoint(self.ckpt_path)  # safe: plain data and tensors only, never code
         try:
             self.module = CaptionModule(**ckpt["hyper_parameters"])
             self.module.load_state_dict(ckpt["state_dict"])

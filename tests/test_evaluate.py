@@ -143,24 +143,25 @@ def test_cli_captions_a_split_and_scores_it(trained, tmp_path, capsys):
 
 def test_checkpoint_mode_uses_the_data_the_checkpoint_was_trained_on(trained, tmp_path):
     ckpt, data = f"ckpt_path={trained['ckpt']}", trained["cfg"].data
-    cfg = compose_evaluate([ckpt, "split=val"])
+    cfg, checkpoint = compose_evaluate([ckpt, "split=val"])
+    assert checkpoint["hyper_parameters"]["config"]["data"]["root"] == data.root  # read once, for the data and model
     assert (cfg.data.name, cfg.data.root, cfg.data.splits.val) == ("shapes", data.root, "val2017")
     assert cfg.data.generate.val2017 == data.generate.val2017 == 32  # experiment=smoke's, not conf/data/shapes'
     # data.key=value changes the recorded config; a new root carries the paths that were under the old one
-    moved = compose_evaluate([ckpt, f"data.root={tmp_path}", "data.splits.val=train2017"])
+    moved = compose_evaluate([ckpt, f"data.root={tmp_path}", "data.splits.val=train2017"])[0]
     assert (moved.data.root, moved.data.splits.val, moved.data.name) == (str(tmp_path), "train2017", "shapes")
     karpathy = torch.load(trained["ckpt"], weights_only=True)  # a Karpathy run records its resolved split_file
     karpathy["hyper_parameters"]["config"]["data"]["split_file"] = f"{data.root}/caption_datasets/dataset_coco.json"
     torch.save(karpathy, tmp_path / "karpathy.ckpt")
-    moved = compose_evaluate([f"ckpt_path={tmp_path / 'karpathy.ckpt'}", "data.root=/new"]).data
+    moved = compose_evaluate([f"ckpt_path={tmp_path / 'karpathy.ckpt'}", "data.root=/new"])[0].data
     assert moved.split_file == "/new/caption_datasets/dataset_coco.json"
     assert compose_evaluate([f"ckpt_path={tmp_path / 'karpathy.ckpt'}", "data.root=/new",
-                             "data.split_file=/s.json"]).data.split_file == "/s.json"
+                             "data.split_file=/s.json"])[0].data.split_file == "/s.json"
     with pytest.raises(SystemExit, match="data.nope=1: there is no such key in the data .* was trained on"):
         main([ckpt, "data.nope=1"])
     # data=<config> chooses another dataset, whose own defaults apply
-    assert compose_evaluate([ckpt, "data=coco", "data.root=/elsewhere"]).data.root == "/elsewhere"
-    assert compose_evaluate([ckpt, "data=coco"]).data.name == "coco"
+    assert compose_evaluate([ckpt, "data=coco", "data.root=/elsewhere"])[0].data.root == "/elsewhere"
+    assert compose_evaluate([ckpt, "data=coco"])[0].data.name == "coco"
     # results mode needs no checkpoint
     (tmp_path / "r.json").write_text("[]")
-    assert compose_evaluate([f"results={tmp_path / 'r.json'}", "ckpt_path=/missing.ckpt"]).data.name == "coco"
+    assert compose_evaluate([f"results={tmp_path / 'r.json'}", "ckpt_path=/missing.ckpt"])[0].data.name == "coco"
