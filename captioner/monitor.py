@@ -6,8 +6,6 @@ Decoding runs on the cached validation features (no image decoding); scoring run
 broadcast, so every process logs the same numbers.
 """
 import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from pytorch_lightning.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from pytorch_lightning.loggers import TensorBoardLogger
 
 from captioner.decoding import captions
-from captioner.utils import to_rgb
+from captioner.utils import atomic_copy, to_rgb
 
 log = logging.getLogger(__name__)
 LOGGED = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")  # SPICE is never computed here (spice=False)
@@ -84,10 +82,7 @@ class RunCheckpoint(ModelCheckpoint):
                  "best_k_models": {}, "kth_value": self.kth_value, "last_model_path": "", "best_model_score": None}
         if self.monitor and score is not None and Path(best).is_file():
             here = str(Path(self.dirpath) / Path(best).name)
-            Path(self.dirpath).mkdir(parents=True, exist_ok=True)
-            tmp = Path(self.dirpath) / f".{Path(best).name}.{os.getpid()}.tmp"
-            shutil.copyfile(best, tmp)
-            os.replace(tmp, here)
+            atomic_copy(best, here)
             state.update(best_model_path=here, kth_best_model_path=here, best_k_models={here: score}, kth_value=score,
                          best_model_score=score)
         super().load_state_dict(state)

@@ -38,6 +38,14 @@ def atomic_write_text(path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def atomic_copy(src, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, path)
+
+
 def atomic_save_npy(path, array: np.ndarray) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
