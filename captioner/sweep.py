@@ -15,6 +15,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from captioner.cli import one_line
 from captioner.utils import METRICS_FILE, atomic_write_text
 
 COLUMNS = ["job", "status", "overrides", "val/loss", "val/ppl", "steps", "wall_s", "run_dir", "checkpoint", "error"]
@@ -33,18 +34,13 @@ class SweepResults(Callback):
         failed = job_return.status != JobStatus.COMPLETED
         row = {"job": config.hydra.job.num, "status": "failed" if failed else "completed",
                "overrides": " ".join(job_return.overrides or []), "wall_s": round(time.time() - self.start, 1),
-               "run_dir": str(run_dir), "error": first_line(job_return._return_value) if failed else "",
+               "run_dir": str(run_dir), "error": one_line(job_return._return_value) if failed else "",
                **metrics}
         atomic_write_text(run_dir / "result.json", json.dumps(row))
         write_table(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         write_table(Path(config.hydra.sweep.dir))
-
-
-def first_line(error) -> str:
-    """An exception's first line, or its type for one without a message (a bare MemoryError)."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def write_table(sweep_dir: Path) -> list:

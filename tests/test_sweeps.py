@@ -138,11 +138,23 @@ def read_table_after(write, sweep):
     return read_table(sweep)
 
 
-def test_a_failed_jobs_error_is_its_first_line_or_its_type():
+def test_a_failed_jobs_error_is_its_first_line_or_its_type(tmp_path):
     """A bare MemoryError() has no message: its row must still be written (splitlines()[0] raised IndexError,
     and Hydra dropped the row with a warning)."""
-    from captioner.sweep import first_line
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
 
-    assert first_line(ValueError("rnn_type=foo is not one of lstm, gru, rnn.\nmore")) == \
-        "rnn_type=foo is not one of lstm, gru, rnn."
-    assert first_line(MemoryError()) == "MemoryError"
+    from captioner.sweep import SweepResults
+
+    callback = SweepResults()
+    for num, error in enumerate([ValueError("rnn_type=foo is not one of lstm, gru, rnn.\nmore"), MemoryError()]):
+        (tmp_path / str(num)).mkdir()
+        config = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "job": {"num": num},
+                                             "runtime": {"output_dir": str(tmp_path / str(num))},
+                                             "sweep": {"dir": str(tmp_path)}}})
+        callback.on_job_start(config)
+        callback.on_job_end(config, JobReturn(overrides=[], status=JobStatus.FAILED, _return_value=error))
+    rows = read_table(tmp_path)
+    assert [(r["status"], r["error"]) for r in rows] == [("failed", "rnn_type=foo is not one of lstm, gru, rnn."),
+                                                        ("failed", "MemoryError")]
