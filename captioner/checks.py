@@ -224,7 +224,7 @@ def checkpoint_monitor(cfg):
     monitor, known = cfg.checkpoint_monitor, ("val/loss", "val/ppl", *(f"val/{m}" for m in LOGGED))
     if monitor not in known:
         raise CaptionerError(f"checkpoint_monitor={monitor} is not one of {', '.join(known)}.")
-    if monitor not in known[:2] and cfg.objective != "scst" and not (_is_int(cfg.eval_every) and cfg.eval_every > 0):
+    if monitor not in known[:2] and cfg.objective != "scst" and cfg.eval_every < 1:  # eval_every: checked an int
         raise CaptionerError(f"checkpoint_monitor={monitor} needs eval_every > 0 (it is {cfg.eval_every}): the "
                              f"caption metrics are computed every eval_every epochs.")
     if monitor == "val/METEOR" and shutil.which("java") is None:
