@@ -1,4 +1,4 @@
-"""Batched beam search speed (captioner.decoding.beam_search, beam 3, 16 words) against the reference's
+"""Batched beam search speed (captioner.models.decoding.beam_search, beam 3, 16 words) against the reference's
 `beam3_images_per_s` (ref_limits.py, see benchmarks/reference.py), run in the same session on the same machine.
 Sizes as the reference: features 2048, embeddings 300, LSTM 512, vocabulary 10,000; 5,000 images (500 on CPU).
 
@@ -16,8 +16,8 @@ import time
 
 import torch
 
-from captioner.decoding import beam_search
-from captioner.model import ShowAndTell, WordEmbedding
+from captioner.models.decoding import beam_search
+from captioner.models.show_and_tell import ShowAndTell, WordEmbedding
 from reference import reference_path, run_reference
 
 

@@ -31,10 +31,10 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from captioner.coco import load_splits
-from captioner.features import feature_dir, preprocess_spec
+from captioner.data.coco import load_splits
+from captioner.features.extraction import feature_dir, preprocess_spec
 from captioner.utils import cached_dir
-from captioner.vocab import token_dir
+from captioner.data.vocab import token_dir
 from train_throughput import COCO_N, V, caption_arrays
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def synthetic_coco(folder, n_train, n_val):
     drawn = {"train": write_split(root, "train2017", n_train, 0), "val": write_split(root, "val2017", n_val, 1)}
     splits = load_splits(root, SPLITS)
 
-    def tokens(tmp):  # the layout of captioner.vocab.build_tokens: words by training frequency, ties alphabetical
+    def tokens(tmp):  # the layout of captioner.data.vocab.build_tokens: words by training frequency, ties alphabetical
         counts = np.bincount(drawn["train"][0], minlength=V)
         order = sorted(range(V), key=lambda i: (-counts[i], f"w{i}"))
         rank = np.empty(V, dtype=np.int32)

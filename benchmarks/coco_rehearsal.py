@@ -170,8 +170,8 @@ def overrides(a, root, weights):
 def token_cache(root, argv):
     """Build (here, with spaCy) or find (there) the token cache that captioner.run will look for."""
     from captioner.cli import compose_config
-    from captioner.coco import load_splits
-    from captioner.vocab import build_tokens, token_dir
+    from captioner.data.coco import load_splits
+    from captioner.data.vocab import build_tokens, token_dir
 
     cfg = compose_config("config", ["paths.run_dir=.", *argv])
     splits = load_splits(root, cfg.data.splits, cfg.data.split_file, find_images=False)

@@ -22,9 +22,9 @@ import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from captioner.coco import load_split
-from captioner.encoders import build_encoder
-from captioner.features import extract_split
+from captioner.data.coco import load_split
+from captioner.features.encoders import build_encoder
+from captioner.features.extraction import extract_split
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 NORM = {"efficientnet_lite0": ([0.498] * 3, [0.502] * 3), "resnet50": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
-from captioner.coco import load_split
+from captioner.data.coco import load_split
 from captioner.evaluate import evaluate_split
-from captioner.inference import Captioner
+from captioner.serving.inference import Captioner
 from captioner.run import train
 
 

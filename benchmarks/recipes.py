@@ -92,10 +92,10 @@ def step_timing(batch, device, repeats=20, precision="32", vocab=10000, feature_
     sampler and reward are compiled and its ratio is to the faster of the compiled and the eager XE step."""
     from functools import partial
 
-    from captioner import scst
-    from captioner.module import CaptionModule
-    from captioner.scst import SCSTModule
-    from captioner.vocab import PAD
+    from captioner.training import scst
+    from captioner.training.module import CaptionModule
+    from captioner.training.scst import SCSTModule
+    from captioner.data.vocab import PAD
 
     g = torch.Generator().manual_seed(0)
     words = lambda *shape: torch.randint(4, vocab, shape, generator=g)

@@ -22,7 +22,7 @@ import httpx
 
 from captioner.cli import compose_config
 from captioner.checkpoint import resolve_checkpoint
-from captioner.shapes import make_shapes
+from captioner.data.shapes import make_shapes
 from captioner.utils import CaptionerError
 
 HOST = "127.0.0.1"  # loopback only

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from captioner.data import CaptionDataModule
+from captioner.data.datamodule import CaptionDataModule
 from train_throughput import BS, make_module, synthetic
 
 

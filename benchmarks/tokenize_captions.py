@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from captioner.coco import load_split
-from captioner.vocab import build_tokens, load_words
+from captioner.data.coco import load_split
+from captioner.data.vocab import build_tokens, load_words
 
 COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "coco-mini"
 SIZES = {"train2017": (118_287, 591_753), "val2017": (5_000, 25_014)}  # images, captions

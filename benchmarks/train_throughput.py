@@ -30,9 +30,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import Callback
 
-from captioner.data import CaptionBatches, CaptionDataModule
-from captioner.module import CaptionModule
-from captioner.vocab import SPECIALS
+from captioner.data.datamodule import CaptionBatches, CaptionDataModule
+from captioner.training.module import CaptionModule
+from captioner.data.vocab import SPECIALS
 from reference import reference_path, run_reference
 
 COCO_N, FEAT, EMB, HID, V, BS = 118_287, 2048, 300, 512, 10_000, 256

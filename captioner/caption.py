@@ -11,8 +11,8 @@ from pathlib import Path
 
 from captioner import checks
 from captioner.cli import compose_config, one_line_errors, show_help
-from captioner.decoding import decode_options
-from captioner.inference import IMAGE_SUFFIXES, Captioner, open_image
+from captioner.models.decoding import decode_options
+from captioner.serving.inference import IMAGE_SUFFIXES, Captioner, open_image
 from captioner.utils import CaptionerError, atomic_write_text
 
 

@@ -21,8 +21,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from captioner import checks
 from captioner.cli import compose_config, one_line_errors, show_help
-from captioner.coco import CaptionSplit, load_splits
-from captioner.decoding import decode_options
+from captioner.data.coco import CaptionSplit, load_splits
+from captioner.models.decoding import decode_options
 from captioner.utils import CaptionerError, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ def read_json(path, what: str):
 
 
 def read_references(path) -> dict:
-    """A COCO captions file -> {image_id: [caption, ...]} for its listed images, like captioner.coco.load_split but
+    """A COCO captions file -> {image_id: [caption, ...]} for its listed images, like captioner.data.coco.load_split but
     without needing the images: empty captions and images left without any are dropped (pycocoevalcap's scorers
     need at least one reference per image)."""
     data = read_json(path, "a COCO captions file")
@@ -58,9 +58,9 @@ def read_references(path) -> dict:
 
 
 def score(results, references, spice=True) -> dict:
-    """captioner.metrics.score, or a note when pycocoevalcap is not installed (e.g. a bare GPU machine)."""
+    """captioner.evaluation.metrics.score, or a note when pycocoevalcap is not installed (e.g. a bare GPU machine)."""
     try:
-        from captioner.metrics import score as coco_score
+        from captioner.evaluation.metrics import score as coco_score
     except ImportError as e:
         log.warning("Caption metrics skipped: %s (pip install pycocoevalcap).", e)
         return {"metrics_skipped": f"{e}; pip install pycocoevalcap"}
@@ -98,7 +98,7 @@ def evaluate_cached(captioner, split: CaptionSplit, cache_dir, max_images=None, 
     import numpy as np
     import torch
 
-    from captioner.features import extract_split, load_features
+    from captioner.features.extraction import extract_split, load_features
 
     extract = dict(extract or {})
     start = time.perf_counter()
@@ -128,7 +128,7 @@ def evaluate_cached(captioner, split: CaptionSplit, cache_dir, max_images=None, 
 def evaluate_checkpoint(cfg, checkpoint=None):
     """Checkpoint mode: caption a split, write the COCO results file -> (metrics, report, metrics output path).
     `checkpoint`: cfg.ckpt_path's contents when already loaded (compose_evaluate)."""
-    from captioner.inference import Captioner
+    from captioner.serving.inference import Captioner
 
     split = checkpoint_split(cfg)
     captioner = Captioner(cfg.ckpt_path, cfg.device, checkpoint)

@@ -7,10 +7,10 @@ does the same on first use; this does it beforehand, e.g. on a GPU machine for t
 import json
 import sys
 
-from captioner.checks import check_data
+from captioner.training.checks import check_data
 from captioner.cli import compose_config, one_line_errors, show_help
-from captioner.features import extract_split
-from captioner.prepare import read_splits
+from captioner.features.extraction import extract_split
+from captioner.training.prepare import read_splits
 
 
 @one_line_errors

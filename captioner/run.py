@@ -17,25 +17,26 @@ from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.utilities import rank_zero_only
 
 from captioner import checks
+from captioner.training import checks as training_checks
 from captioner.checkpoint import check_same_architecture, init_weights, load_checkpoint, resolve_checkpoint
 from captioner.cli import compose_config, one_line, one_line_errors
-from captioner.data import CaptionDataModule
-from captioner.embeddings import load_vectors
-from captioner.model import RNNS
-from captioner.module import CaptionModule
-from captioner.prepare import prepare, word_vectors
-from captioner.scst import SCSTModule
+from captioner.data.datamodule import CaptionDataModule
+from captioner.data.embeddings import load_vectors
+from captioner.models.show_and_tell import RNNS
+from captioner.training.module import CaptionModule
+from captioner.training.prepare import prepare, word_vectors
+from captioner.training.scst import SCSTModule
 from captioner.utils import METRICS_FILE, CaptionerError, atomic_write_text
 
 log = logging.getLogger("captioner")
-# torch.compile's modes, and graphs: the loss's forward and backward as CUDA graphs (captioner.graphs)
+# torch.compile's modes, and graphs: the loss's forward and backward as CUDA graphs (captioner.training.graphs)
 COMPILE_MODES = ("graphs", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check_config(cfg: DictConfig) -> None:
     """Catch wrong values early, with one sentence naming the key."""
-    checks.check_run(cfg)
-    checks.check_recipes(cfg)
+    training_checks.check_run(cfg)
+    training_checks.check_recipes(cfg)
     rnn = str(cfg.rnn_type).lower()
     if rnn not in RNNS:
         raise CaptionerError(f"rnn_type={cfg.rnn_type} is not one of lstm, gru, rnn.")

@@ -7,7 +7,7 @@ GET /health says whether the model is ready; /docs is FastAPI's OpenAPI page. Ov
 Requests arriving within `batch_window_ms` of each other share one encoder forward pass; inference runs in one
 worker thread so the event loop keeps accepting (and rejecting) requests meanwhile. Memory stays bounded: at most
 `max_decoding` uploads are decoded at once, images are refused from their header when too large (see
-captioner/uploads.py), and when `max_queue` images already wait, a request gets 503 with Retry-After.
+captioner/serving/uploads.py), and when `max_queue` images already wait, a request gets 503 with Retry-After.
 """
 import asyncio
 import contextlib
@@ -25,11 +25,11 @@ from starlette.concurrency import run_in_threadpool
 
 from captioner import checks
 from captioner.cli import compose_config, one_line_errors, show_help
-from captioner.decoding import decode_options
-from captioner.inference import Captioner
-from captioner.uploads import MULTIPART_SLACK, BodyLimit, decode_image
+from captioner.models.decoding import decode_options
+from captioner.serving.inference import Captioner
+from captioner.serving.uploads import MULTIPART_SLACK, BodyLimit, decode_image
 
-PAGE = Path(__file__).parent / "static" / "index.html"
+PAGE = Path(__file__).parent / "serving" / "static" / "index.html"
 log = logging.getLogger(__name__)
 
 
@@ -111,7 +111,7 @@ class Batcher:
             return [self._run([item])[0] for item in batch]  # so one bad request does not fail its neighbours
 
     def _caption(self, images, options):
-        features = self.captioner.features(images)
+        features = self.captioner.features.extraction(images)
         self.batches += 1
         self.images += len(images)
         groups = defaultdict(list)

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from captioner.checkpoint import load_checkpoint
-from captioner.inference import Captioner
+from captioner.serving.inference import Captioner
 from captioner.run import train
 from captioner.utils import CaptionerError
 from conftest import run_module
 
-OLD_CHECKPOINT = Path(__file__).parent / "data" / "checkpoint-9a369cd.ckpt"  # written by captioner at 9a369cd
+OLD_CHECKPOINT = Path(__file__).resolve().parent / "fixtures" / "checkpoint-9a369cd.ckpt"  # written by captioner at 9a369cd
 
 
 class Payload:

@@ -1,0 +1,147 @@
+"""Decoding captions from image features: batched beam search (beam_size=1 is greedy) and sampling.
+
+Every image of the batch and every beam advance together as one (batch * beam) RNN step; there is no Python
+loop over images, no per-word host sync (the early-stop check runs every few steps), no allocation that grows
+with the caption, and no pass over a [batch, beam * vocabulary] tensor beyond the log-softmax itself.
+"""
+import torch
+import torch.nn.functional as F
+
+from captioner.models.show_and_tell import ShowAndTell
+from captioner.data.vocab import END, PAD, START
+
+NEG = -1e9
+DECODE_KEYS = ("beam_size", "max_len", "n_best", "length_penalty", "temperature", "top_k", "seed")
+
+
+def _reorder(state, index):
+    if isinstance(state, tuple):
+        return tuple(s[:, index] for s in state)
+    return state[:, index]
+
+
+def _repeat(state, k):
+    if isinstance(state, tuple):
+        return tuple(s.repeat_interleave(k, 1) for s in state)
+    return state.repeat_interleave(k, 1)
+
+
+def _mask_specials(logp):
+    logp[:, PAD:START + 1] = NEG  # <pad> and <start> are never emitted by a live caption (PAD, START = 0, 1)
+    return logp
+
+
+def _step(model: ShowAndTell, words, state):
+    logits, state = model.step(words, state)
+    # one pass: fp32 log-probabilities straight from (possibly bf16) logits, no separate .float() copy
+    return _mask_specials(F.log_softmax(logits, -1, dtype=torch.float32)), state
+
+
+@torch.no_grad()
+def beam_search(model: ShowAndTell, features, beam_size=3, max_len=20, length_penalty=0.0, n_best=1,
+                check_every=4):
+    """Returns (tokens [B, n_best, T], log-probabilities [B, n_best], probabilities over the returned set).
+
+    Ranking uses log p / ((5 + length) / 6) ** length_penalty (GNMT); 0 ranks by plain log-probability.
+
+    Speed: the best k words of each beam are found first (a top-k per row of [B * k, V]), then the best k of
+    those k * k candidates per image; the global top-k can hold at most k words of one beam, so this is exact,
+    and no [B, k * V] candidate tensor is ever written. Each step writes its words and back-pointers into
+    preallocated [max_len, B, k] buffers; the sequences are read back once at the end.
+    """
+    B, k = features.shape[0], min(beam_size, model.out.out_features)  # no more beams than words
+    n_best = min(n_best, k)
+    device = features.device
+    state = _repeat(model.initial_state(features), k)
+    scores = torch.full((B, k), NEG, device=device)
+    scores[:, 0] = 0.0  # one live beam at the first step, so the first words of the beams differ
+    words = torch.full((B * k,), START, device=device, dtype=torch.long)
+    tokens = torch.zeros(max_len, B, k, dtype=torch.long, device=device)
+    origins = torch.zeros(max_len, B, k, dtype=torch.long, device=device)
+    done = torch.zeros(B, k, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, k, dtype=torch.long, device=device)
+    offsets = (torch.arange(B, device=device) * k)[:, None]
+    # a finished beam continues only with <pad>, at no cost, so it keeps its score and its place
+    pad_only = torch.full((B, k, k), NEG, device=device)
+    pad_only[..., 0] = 0.0
+    pad_word = torch.full((B, k, k), PAD, dtype=torch.long, device=device)
+    steps = max_len
+    for t in range(max_len):
+        logp, state = _step(model, words, state)
+        best, word = logp.topk(k, -1)  # [B * k, k]
+        best = torch.where(done[..., None], pad_only, best.view(B, k, k))
+        word = torch.where(done[..., None], pad_word, word.view(B, k, k))
+        scores, flat = (scores[..., None] + best).view(B, -1).topk(k, -1)
+        origin = flat // k
+        words = word.view(B, -1).gather(1, flat)
+        state = _reorder(state, (origin + offsets).view(-1))
+        tokens[t], origins[t] = words, origin
+        was_done = done.gather(1, origin)
+        lengths = lengths.gather(1, origin) + ~was_done
+        done = was_done | (words == END)
+        words = words.view(-1)
+        if (t + 1) % check_every == 0 and bool(done.all()):
+            steps = t + 1
+            break
+    rank = scores / ((5.0 + lengths.float()) / 6.0) ** length_penalty if length_penalty else scores
+    order = rank.argsort(-1, descending=True)[:, :n_best]
+    best_scores = scores.gather(1, order)
+    # follow the back-pointers from the chosen beams to the first word
+    best_tokens = torch.empty(B, n_best, steps, dtype=torch.long, device=device)
+    beam = order
+    for t in range(steps - 1, -1, -1):
+        best_tokens[:, :, t] = tokens[t].gather(1, beam)
+        beam = origins[t].gather(1, beam)
+    return best_tokens, best_scores, best_scores.softmax(-1)
+
+
+def draw(logits, generator=None):
+    """One categorical draw per row of logits [N, V] -> word ids [N], by inverting the cumulative distribution: one
+    uniform number per row (torch.multinomial has a slow CPU path; a Gumbel-max draw needs one number per word)."""
+    cdf = logits.softmax(-1, dtype=torch.float32).cumsum_(-1)
+    u = torch.rand(len(cdf), 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+
+
+@torch.no_grad()
+def sample(model: ShowAndTell, features, max_len=20, temperature=1.0, top_k=0, generator=None, check_every=4):
+    """Ancestral sampling (the seed's `probabilistic`; SCST's samples): tokens [B, T], <pad> after <end>, T <=
+    max_len. All B captions advance together; whether all have ended is checked (a host sync) every `check_every`
+    words only (0: never)."""
+    B = features.shape[0]
+    state = model.initial_state(features)
+    words = torch.full((B,), START, device=features.device, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=features.device)
+    out = []
+    for t in range(max_len):
+        logits, state = model.step(words, state)
+        logits = _mask_specials(logits)  # in place (no autograd here); draw's softmax normalises: no log_softmax
+        if temperature != 1.0:
+            logits = logits.float() / max(temperature, 1e-6)  # fp32: bf16 logits would round after dividing
+        if 0 < top_k < logits.shape[-1]:  # a top_k of the vocabulary's size or more keeps every word
+            kth = logits.topk(top_k, -1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, NEG)
+        words = torch.where(done, PAD, draw(logits, generator))
+        out.append(words)
+        done |= words == END
+        if check_every and (t + 1) % check_every == 0 and bool(done.all()):
+            break
+    return torch.stack(out, 1)
+
+
+def decode_options(cfg) -> dict:
+    """The decoding keys of a command's config (conf/decode/ plus its sampling `seed`)."""
+    return {k: cfg[k] for k in DECODE_KEYS if k in cfg}
+
+
+@torch.no_grad()
+def captions(model: ShowAndTell, vocab, features, beam_size=3, max_len=20, n_best=1, length_penalty=0.0,
+             temperature=None, top_k=0, seed=None):
+    """Features [B, dim] -> one list of (caption, probability) per image, probabilities normalised over that
+    list; with `temperature` set, one sampled caption per image instead of beam search."""
+    if temperature is not None:
+        g = torch.Generator(features.device).manual_seed(seed) if seed is not None else None
+        tokens = sample(model, features, max_len, temperature, top_k, g)
+        return [[(vocab.decode(t), 1.0)] for t in tokens.tolist()]
+    tokens, _, probs = beam_search(model, features, beam_size, max_len, length_penalty, n_best)
+    return [[(vocab.decode(t), p) for t, p in zip(ts, ps)] for ts, ps in zip(tokens.tolist(), probs.tolist())]

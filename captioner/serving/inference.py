@@ -1,0 +1,75 @@
+"""A trained captioner ready to use: checkpoint -> encoder, preprocessing, vocabulary, decoder.
+
+Shared by `captioner.caption`, `captioner.evaluate` and `captioner.serve`. Only the checkpoint is needed:
+everything else (encoder name, weights, image size, normalisation, vocabulary, word vectors) is inside it.
+"""
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from captioner.checkpoint import check_device, load_checkpoint, resolve_checkpoint
+from captioner.models.decoding import captions
+from captioner.features.encoders import build_encoder, preprocessing
+from captioner.training.module import CaptionModule
+from captioner.utils import CaptionerError, to_rgb
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+class Captioner:
+    def __init__(self, ckpt_path, device="auto", checkpoint=None):
+        """`checkpoint`: ckpt_path's contents, when the caller has loaded them already (with load_checkpoint)."""
+        self.ckpt_path = resolve_checkpoint(ckpt_path)
+        self.device = check_device(device)  # first: a missing GPU is its own sentence, not a checkpoint problem
+        ckpt = checkpoint or load_checkpoint(self.ckpt_path)  # safe: plain data and tensors only, never code
+        try:
+            self.module = CaptionModule(**ckpt["hyper_parameters"])
+            self.module.load_state_dict(ckpt["state_dict"])
+        except (KeyError, RuntimeError, TypeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CaptionerError(f"{self.ckpt_path} does not match the model its hyperparameters describe "
+                                 f"({first[:200]}).") from None
+        self.module.to(self.device)
+        self.module.eval()
+        self.model, self.vocab = self.module.model, self.module.vocab
+        pre = self.preprocess = dict(self.module.hparams.preprocess)
+        weights = None if pre["weights"] == "default" else pre["weights"]
+        self.encoder = build_encoder(OmegaConf.create({"name": pre["encoder"], "weights": weights})).to(self.device)
+        self.transform = preprocessing(pre["image_size"], pre["mean"], pre["std"], pre.get("interpolation", "bilinear"))
+        self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    @property
+    def info(self) -> dict:
+        hp = self.module.hparams
+        # the file name only: a server must not tell its clients where its files are
+        return {"checkpoint": self.ckpt_path.name, "encoder": self.preprocess["encoder"],
+                "image_size": self.preprocess["image_size"], "rnn_type": hp.rnn_type, "hidden_size": hp.hidden_size,
+                "num_layers": hp.num_layers, "vocabulary": len(self.vocab), "embeddings": hp.embeddings.get("name")}
+
+    def encoder_input(self, image) -> torch.Tensor:
+        """A PIL image (any mode) -> the encoder's input for it: small, so the full-size image can be let go."""
+        return self.transform(to_rgb(image))
+
+    @torch.no_grad()
+    def features(self, images) -> torch.Tensor:
+        """PIL images (any mode), or their encoder_input tensors -> encoder features [n, dim]."""
+        x = torch.stack([im if isinstance(im, torch.Tensor) else self.encoder_input(im) for im in images])
+        with torch.autocast(**self.autocast):
+            return self.encoder(x.to(self.device)).float()
+
+    def caption_features(self, features, **decode):
+        """-> one list of (caption, probability) per image (see captioner.models.decoding.captions for the options)."""
+        with torch.autocast(**self.autocast):
+            return captions(self.model, self.vocab, features.to(self.device), **decode)
+
+    def caption(self, images, **decode):
+        return self.caption_features(self.features(images), **decode)
+
+
+def open_image(path) -> Image.Image:
+    """Load an image fully (so errors surface here, not later), converted to RGB."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
