@@ -109,6 +109,25 @@ def validate_results(results, image_ids) -> dict:
     return captions
 
 
+_meteor = None
+
+
+def meteor(gts, res) -> float:
+    """METEOR through one java process per Python process: starting it (the JVM and its paraphrase tables) takes
+    ~6 s, and training scores its captions every eval_every epochs. A process that died or a failed exchange (which
+    leaves the stream mid-answer) starts a new one next time."""
+    global _meteor
+    if _meteor is None or _meteor.meteor_p.poll() is not None:
+        _meteor = Meteor()
+    try:
+        return float(_meteor.compute_score(gts, res)[0])
+    except BaseException:
+        broken, _meteor = _meteor, None
+        if broken.lock.locked():  # compute_score holds it until its answer is read; Meteor.__del__ takes it too
+            broken.lock.release()
+        raise
+
+
 def score(results, references: dict, spice: bool = True) -> dict:
     """COCO caption metrics of `results` (a COCO results list) against `references` ({image_id: [caption, ...]},
     every image with at least one caption). Keys as pycocoevalcap names them: Bleu_1..Bleu_4, METEOR, ROUGE_L,
@@ -123,7 +142,7 @@ def score(results, references: dict, spice: bool = True) -> dict:
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     metrics.update({f"Bleu_{n}": float(b) for n, b in enumerate(bleu, 1)})
     if java:
-        metrics["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+        metrics["METEOR"] = meteor(gts, res)
     else:
         metrics["METEOR_skipped"] = "java not found"
     metrics["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])

@@ -165,3 +165,16 @@ def test_checkpoint_mode_uses_the_data_the_checkpoint_was_trained_on(trained, tm
     # results mode needs no checkpoint
     (tmp_path / "r.json").write_text("[]")
     assert compose_evaluate([f"results={tmp_path / 'r.json'}", "ckpt_path=/missing.ckpt"])[0].data.name == "coco"
+
+
+@needs_java
+def test_meteor_keeps_one_java_process_and_replaces_a_dead_one():
+    gts = {1: ["a red circle on the left", "one red circle"], 2: ["two blue squares", "blue squares side by side"]}
+    res = {1: ["a red circle"], 2: ["three green triangles"]}
+    first = metrics.meteor(gts, res)
+    process = metrics._meteor.meteor_p
+    assert metrics.meteor(gts, res) == first and metrics._meteor.meteor_p is process  # no second JVM start
+    process.kill()
+    process.wait()
+    assert metrics.meteor(gts, res) == first and metrics._meteor.meteor_p is not process
+    assert 0 < first < 1
