@@ -34,12 +34,12 @@ from omegaconf import OmegaConf
 from captioner.data.coco import load_splits
 from captioner.features.extraction import feature_dir, preprocess_spec
 from captioner.utils import cached_dir
-from captioner.data.vocab import token_dir
+from captioner.data.vocab import token_dir, token_spec
 from train_throughput import COCO_N, V, caption_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = {"train": "train2017", "val": "val2017"}
-TOKEN_SPEC = {"tokenizer": "spacy-blank-en", "lowercase": True, "drop_punct": True, "train": "train"}
+TOKEN_SPEC = token_spec()  # the shipped data configs' settings
 
 
 def write_split(root, name, n, seed):

@@ -171,12 +171,11 @@ def token_cache(root, argv):
     """Build (here, with spaCy) or find (there) the token cache that captioner.run will look for."""
     from captioner.cli import compose_config
     from captioner.data.coco import load_splits
-    from captioner.data.vocab import build_tokens, token_dir
+    from captioner.data.vocab import build_tokens, token_dir, token_spec
 
     cfg = compose_config("config", ["paths.run_dir=.", *argv])
     splits = load_splits(root, cfg.data.splits, cfg.data.split_file, find_images=False)
-    spec = {"tokenizer": "spacy-blank-en", "lowercase": cfg.data.lowercase, "drop_punct": cfg.data.drop_punct,
-            "train": "train"}
+    spec = token_spec(cfg.data.lowercase, cfg.data.drop_punct, max_words=cfg.data.max_words)
     folder = token_dir(cfg.paths.cache_dir, splits, spec)
     if not (folder / "words.json").exists():
         try:
@@ -184,7 +183,8 @@ def token_cache(root, argv):
         except ImportError:
             sys.exit(f"[rehearsal] the token cache {folder} is missing and spaCy is not installed: run "
                      f"`--stage prepare` (same --scale) where spaCy is, and bring its --cache-dir along.")
-        build_tokens(splits, cfg.paths.cache_dir, cfg.data.lowercase, cfg.data.drop_punct)
+        build_tokens(splits, cfg.paths.cache_dir, cfg.data.lowercase, cfg.data.drop_punct,
+                     max_words=cfg.data.max_words)
     return folder
 
 

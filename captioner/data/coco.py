@@ -1,6 +1,7 @@
 """Reading caption data: the official MS-COCO layout (root/annotations/captions_<split>.json + root/<split>/), or
 a Karpathy split file (dataset_{coco,flickr8k,flickr30k}.json: the train/restval/val/test splits of the literature).
 """
+import itertools
 import json
 import logging
 import os
@@ -27,6 +28,39 @@ def has_words(caption: str) -> bool:
     return any(ch.isalnum() for ch in caption)
 
 
+def caption_text(value) -> str:
+    """A caption's text; null or another non-text value is "" (dropped as empty), not the word "None"."""
+    return value.strip() if isinstance(value, str) else ""
+
+
+def outside(file_name: str) -> bool:
+    """A file name that would be read from outside the image folder: absolute, or climbing out with `..`."""
+    return os.path.isabs(file_name) or ".." in file_name.split("/")  # strings, not Paths: 123k names in COCO
+
+
+def sentence_text(sentence: dict) -> str:
+    """A Karpathy sentence's text: its raw text, else its tokens joined."""
+    raw, tokens = caption_text(sentence.get("raw")), sentence.get("tokens")
+    if raw or not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        return raw
+    return " ".join(tokens).strip()
+
+
+def _string(value) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def field(entry, key, convert, file, expected):
+    """entry[key] through `convert`, or one sentence naming the file, the key and the entry."""
+    try:
+        return convert(entry[key])
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+        raise CaptionerError(f"{file} has an entry without a valid '{key}' field ({entry!r:.80}); "
+                             f"expected {expected}.") from None
+
+
 def annotation_path(root, split: str) -> Path:
     return Path(root) / "annotations" / f"captions_{split}.json"
 
@@ -41,14 +75,16 @@ def _read_json(path: Path, expected: str):
         raise CaptionerError(f"{path} is not UTF-8 text; expected {expected}.") from None
 
 
-def _split(name, image_dir, ann_file, files: dict, captions: dict, empty: int) -> CaptionSplit:
-    """Keep the images that have a usable caption, sorted by id; say what was dropped."""
-    unknown = set(captions) - set(files)
+def _split(name, image_dir, ann_file, files: dict, captions: dict, empty: int, escaping=()) -> CaptionSplit:
+    """Keep the images that have a usable caption, sorted by id; say what was dropped (`escaping`: the ids of
+    images left out because their file name leaves the image folder)."""
+    unknown = set(captions) - set(files) - set(escaping)
     ids = sorted(i for i in files if captions.get(i))
     no_caption = len(files) - len(ids)
-    if empty or no_caption or unknown:
-        log.warning("%s (%s): dropped %d empty captions, %d images without captions, %d captions of unknown images.",
-                    ann_file, name, empty, no_caption, sum(len(captions[i]) for i in unknown))
+    if empty or no_caption or unknown or escaping:
+        leaving = f", {len(escaping)} images whose file name leaves {image_dir} (absolute or '..')" if escaping else ""
+        log.warning("%s (%s): dropped %d empty captions, %d images without captions, %d captions of unknown images%s.",
+                    ann_file, name, empty, no_caption, sum(len(captions[i]) for i in unknown), leaving)
     if not ids:
         raise CaptionerError(f"{ann_file} has no image with a usable caption in split '{name}'.")
     return CaptionSplit(name, image_dir, ann_file, ids, [files[i] for i in ids], [captions[i] for i in ids])
@@ -72,20 +108,26 @@ def load_split(root, split: str) -> CaptionSplit:
             or not isinstance(data.get("annotations"), list):
         raise CaptionerError(f"{ann_file} is not a COCO captions file; expected a JSON object with "
                              f"'images' and 'annotations' lists.")
-    try:
-        files = {int(img["id"]): str(img["file_name"]) for img in data["images"]}
-        captions: dict = {}
-        empty = 0
-        for ann in data["annotations"]:
-            text = str(ann["caption"]).strip()
-            if not has_words(text):
-                empty += 1
-                continue
-            captions.setdefault(int(ann["image_id"]), []).append(text)
-    except (KeyError, TypeError, ValueError) as e:
-        raise CaptionerError(f"{ann_file} has an entry without a valid {e} field; expected images with 'id' and "
-                             f"'file_name', annotations with 'image_id' and 'caption'.") from None
-    return _split(split, image_dir, ann_file, files, captions, empty)
+    expected = "images with 'id' and 'file_name', annotations with 'image_id' and 'caption'"
+    files, captions, empty = {}, {}, 0
+    for img in data["images"]:
+        i = field(img, "id", int, ann_file, expected)
+        name = field(img, "file_name", _string, ann_file, expected)
+        if i in files:  # COCO lists each image once: a second entry would silently replace the first
+            raise CaptionerError(f"{ann_file} lists image id {i} twice ({files[i]} and {name}); expected each "
+                                 f"image once.")
+        files[i] = name
+    escaping = {i for i, name in files.items() if outside(name)}
+    for i in escaping:
+        del files[i]
+    for ann in data["annotations"]:
+        i = field(ann, "image_id", int, ann_file, expected)
+        text = field(ann, "caption", caption_text, ann_file, expected)
+        if not has_words(text):
+            empty += 1
+            continue
+        captions.setdefault(i, []).append(text)
+    return _split(split, image_dir, ann_file, files, captions, empty, escaping)
 
 
 def _listing(folder: Path) -> set:
@@ -138,28 +180,51 @@ def load_karpathy_split(split_file, image_root, split_names, find_images=True, d
     if not isinstance(data, dict) or not isinstance(data.get("images"), list):
         raise CaptionerError(f"{split_file} is not a Karpathy split file; expected a JSON object with an 'images' "
                              f"list of {{filename, split, sentences}} entries.")
-    files, captions, empty, seen, coco_ids = {}, {}, 0, set(), set()
-    try:
-        for img in data["images"]:
-            seen.add(img["split"])
-            if img["split"] not in names:
-                continue
-            i = int(img["cocoid"] if "cocoid" in img else img["imgid"])
-            if "cocoid" in img:
-                coco_ids.add(i)
-            files[i] = f"{img['filepath']}/{img['filename']}" if img.get("filepath") else str(img["filename"])
-            texts = [str(s.get("raw") or " ".join(s.get("tokens", []))).strip() for s in img["sentences"]]
-            captions[i] = [t for t in texts if has_words(t)]
-            empty += len(texts) - len(captions[i])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise CaptionerError(f"{split_file} has an image entry without a valid {e} field; expected 'filename', "
-                             f"'imgid', 'split' and 'sentences' with 'raw' text.") from None
+    fields = "'filename', 'imgid', 'split' and 'sentences' with 'raw' text"
+    files, captions, empty, seen, coco_ids, escaping, listed = {}, {}, 0, set(), set(), set(), {}
+    for img in data["images"]:
+        split = field(img, "split", str, split_file, fields)
+        i = field(img, "cocoid" if "cocoid" in img else "imgid", int, split_file, fields)
+        file = field(img, "filename", _string, split_file, fields)
+        if img.get("filepath"):
+            file = f"{field(img, 'filepath', _string, split_file, fields)}/{file}"
+        if i in listed:  # Karpathy's files list each image once, in one split: a second entry would replace it
+            raise CaptionerError(f"{split_file} lists image id {i} twice ({listed[i]} and {file}); expected each "
+                                 f"image once, in one split.")
+        listed[i] = file
+        seen.add(split)
+        if split not in names:
+            continue
+        if "cocoid" in img:
+            coco_ids.add(i)
+        texts = field(img, "sentences", lambda s: [sentence_text(x) for x in s], split_file, fields)
+        captions[i] = [t for t in texts if has_words(t)]
+        empty += len(texts) - len(captions[i])
+        if outside(file):
+            escaping.add(i)
+        else:
+            files[i] = file
     if not files:
         raise CaptionerError(f"{split_file} has no image in split {name}; its splits are "
                              f"{', '.join(sorted(map(str, seen))) or 'none'}.")
     if find_images:
         files = locate_images(image_root, files, coco_ids, name, split_file)
-    return _split(name, image_root, split_file, files, captions, empty)
+    return _split(name, image_root, split_file, files, captions, empty, escaping)
+
+
+def warn_shared_images(splits: dict):
+    """One warning when split roles share images (by id, or by file): scores on a role that shares images with
+    train overstate quality. A warning, not an error: validating on training images can be meant (an overfit check)."""
+    paths = {r: {f"{s.image_dir}/{f}" for f in s.files} for r, s in splits.items()}
+    shared = []
+    for a, b in itertools.combinations(splits, 2):
+        ids, other = set(splits[a].image_ids), splits[b]
+        n = sum(i in ids or f"{other.image_dir}/{f}" in paths[a] for i, f in zip(other.image_ids, other.files))
+        if n:
+            shared.append(f"{n} images are in both {a} ({splits[a].name}) and {b} ({other.name})")
+    if shared:
+        log.warning("Split roles share images (by id or file), so scores on them are not on unseen images: %s.",
+                    "; ".join(shared))
 
 
 def load_splits(root, splits: dict, split_file=None, find_images=True) -> dict:
@@ -167,6 +232,8 @@ def load_splits(root, splits: dict, split_file=None, find_images=True) -> dict:
     Karpathy split file, where each role names a list of its splits (train: [train, restval])."""
     if split_file:
         data = _read_json(Path(split_file), "a Karpathy split file") if Path(split_file).is_file() else None
-        return {role: load_karpathy_split(split_file, root, names, find_images, data)
-                for role, names in splits.items()}
-    return {role: load_split(root, name) for role, name in splits.items()}
+        out = {role: load_karpathy_split(split_file, root, names, find_images, data) for role, names in splits.items()}
+    else:
+        out = {role: load_split(root, name) for role, name in splits.items()}
+    warn_shared_images(out)
+    return out

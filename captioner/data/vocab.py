@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 SPECIALS = ["<pad>", "<start>", "<end>", "<unk>"]
 PAD, START, END, UNK = range(4)
-TOKENIZER_VERSION = 2  # 2: captions without a letter or digit ("...") are dropped as empty
+TOKENIZER_VERSION = 3  # 2: captions without a letter or digit ("...") are dropped as empty; 3: null ones too
+MAX_WORDS = 100  # data.max_words where a config lacks it: above any real COCO (~50) or Flickr (~80) caption
 
 
 def make_tokenizer():
@@ -31,8 +32,9 @@ def make_tokenizer():
     return spacy.blank("en").tokenizer  # rule-based English tokenizer: no model download
 
 
-def tokenize(texts, lowercase=True, drop_punct=True, desc="tokenize", chunk=128):
-    """Captions -> (distinct words, word index per token flat int64, token count per caption int64).
+def tokenize(texts, lowercase=True, drop_punct=True, desc="tokenize", chunk=128, max_words=None):
+    """Captions -> (distinct words, word index per token flat int64, token count per caption int64, number of
+    captions cut), each caption cut to its first `max_words` words (punctuation dropped first).
 
     Speed: a spaCy Doc costs far more to set up than to fill, so captions are tokenized `chunk` at a time,
     joined by a space (spaCy splits on spaces first, so a caption's tokens are exactly those it gets alone), and
@@ -54,11 +56,17 @@ def tokenize(texts, lowercase=True, drop_punct=True, desc="tokenize", chunk=128)
     distinct, index = np.unique(np.concatenate(hashes), return_inverse=True)
     lexemes = [tok.vocab[h] for h in distinct.tolist()]
     drop = np.array([lex.is_space or (drop_punct and lex.is_punct) for lex in lexemes], dtype=bool)
-    kept = ~drop[index]
-    lengths = np.bincount(np.concatenate(caption)[kept], minlength=len(texts)).astype(np.int64)
-    remap = np.cumsum(~drop) - 1  # distinct-word index -> index among the kept words
-    words = [lexemes[i].text for i in np.flatnonzero(~drop)]
-    return words, remap[index[kept]], lengths
+    kept, caption, cut = ~drop[index], np.concatenate(caption), 0
+    if max_words is not None:  # tokens are in caption order: a token's place in its caption is its rank there
+        lengths = np.bincount(caption[kept], minlength=len(texts))
+        first, cut = np.cumsum(lengths) - lengths, int((lengths > max_words).sum())
+        kept[kept] = np.arange(int(lengths.sum())) - first[caption[kept]] < max_words
+    lengths = np.bincount(caption[kept], minlength=len(texts)).astype(np.int64)
+    used = np.zeros(len(distinct), dtype=bool)
+    used[index[kept]] = True  # not words seen only in a cut-off tail
+    remap = np.cumsum(used) - 1  # distinct-word index -> index among the kept words
+    words = [lexemes[i].text for i in np.flatnonzero(used)]
+    return words, remap[index[kept]], lengths, cut
 
 
 class Vocabulary:
@@ -103,23 +111,36 @@ def token_dir(cache_dir, splits: dict, spec: dict) -> Path:
     return Path(cache_dir) / "tokens" / key
 
 
-def build_tokens(splits: dict, cache_dir, lowercase=True, drop_punct=True, train="train") -> Path:
-    """Tokenize every caption of every split once (cached); `splits` maps role ('train', 'val') to CaptionSplit."""
-    spec = {"tokenizer": "spacy-blank-en", "lowercase": lowercase, "drop_punct": drop_punct, "train": train}
+def token_spec(lowercase=True, drop_punct=True, train="train", max_words=MAX_WORDS) -> dict:
+    """What the token cache is built with, and keyed by: a changed data.max_words rebuilds it."""
+    return {"tokenizer": "spacy-blank-en", "lowercase": lowercase, "drop_punct": drop_punct, "train": train,
+            "max_words": max_words}
+
+
+def build_tokens(splits: dict, cache_dir, lowercase=True, drop_punct=True, train="train", max_words=MAX_WORDS):
+    """Tokenize every caption of every split once (cached); `splits` maps role ('train', 'val') to CaptionSplit.
+    Captions longer than `max_words` words are cut there (one warning): one runaway caption would otherwise pad
+    every batch it is drawn in to its length."""
+    spec = token_spec(lowercase, drop_punct, train, max_words)
     out = token_dir(cache_dir, splits, spec)
 
     def build(tmp):
         tokenized = {role: tokenize([c for caps in split.captions for c in caps], lowercase, drop_punct,
-                                    desc=f"tokenize {split.name}") for role, split in splits.items()}
+                                    desc=f"tokenize {split.name}", max_words=max_words)
+                     for role, split in splits.items()}
+        cut = {role: t[3] for role, t in tokenized.items() if t[3]}
+        if cut:
+            log.warning("Cut %s captions longer than data.max_words=%d words to their first %d words.",
+                        " + ".join(f"{n} {role}" for role, n in cut.items()), max_words, max_words)
         # training words by frequency (ties alphabetical), then words seen only outside training (alphabetical)
-        train_words, train_ids, _ = tokenized[train]
+        train_words, train_ids, _, _ = tokenized[train]
         counts = np.bincount(train_ids, minlength=len(train_words))
         order = sorted(range(len(train_words)), key=lambda i: (-counts[i], train_words[i]))
         words = [train_words[i] for i in order]
         others = sorted({w for role, t in tokenized.items() if role != train for w in t[0]} - set(words))
         index = {w: i for i, w in enumerate(words + others)}
         for role, split in splits.items():
-            role_words, ids, lengths = tokenized[role]
+            role_words, ids, lengths, _ = tokenized[role]
             lut = np.array([index[w] for w in role_words], dtype=np.int32)
             np.save(tmp / f"{role}.tokens.npy", lut[ids])
             np.save(tmp / f"{role}.offsets.npy", np.concatenate([[0], np.cumsum(lengths)]))

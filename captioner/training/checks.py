@@ -61,6 +61,8 @@ def check_data(cfg):
     """The data and encoder groups' numbers, which extraction and loading would otherwise reject deep inside
     (a generated dataset would even be rebuilt, empty, before that)."""
     integer(cfg, "data.image_size", 1, nullable=True)
+    if "max_words" in cfg.data:  # a data config of its own may lack it: prepare() then uses vocab.MAX_WORDS
+        integer(cfg, "data.max_words", 1)
     for key in ("encoder.image_size", "encoder.batch_size"):
         integer(cfg, key, 1)
     for key in ("data.num_workers", "encoder.num_workers"):

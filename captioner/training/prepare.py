@@ -20,7 +20,7 @@ from captioner.data.datamodule import CaptionBatches
 from captioner.features.extraction import extract_split, load_features, preprocess_spec
 from captioner.data.scenes import make_scenes
 from captioner.data.shapes import make_shapes
-from captioner.data.vocab import SPECIALS, Vocabulary, build_tokens, coverage, load_words
+from captioner.data.vocab import MAX_WORDS, SPECIALS, Vocabulary, build_tokens, coverage, load_words
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ def prepare(data, encoder, cache_dir, roles=None) -> Prepared:
     """Build (or find) every cache that training on `data` with `encoder` needs: the dataset itself when it is
     generated, the tokens of all its splits, and the features of the splits in `roles` (default: all)."""
     splits = read_splits(data)
-    tokens = build_tokens(splits, cache_dir, data.lowercase, data.drop_punct)
+    tokens = build_tokens(splits, cache_dir, data.lowercase, data.drop_punct,
+                          max_words=data.get("max_words", MAX_WORDS))
     roles = list(splits) if roles is None else roles
     features = {role: split_features(splits[role], encoder, cache_dir, data.get("image_size")) for role in roles}
     return Prepared(splits, features, tokens, preprocess_spec(encoder, data.get("image_size")))
