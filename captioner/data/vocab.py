@@ -103,8 +103,9 @@ def token_dir(cache_dir, splits: dict, spec: dict) -> Path:
     return Path(cache_dir) / "tokens" / key
 
 
-def build_tokens(splits: dict, cache_dir, lowercase=True, drop_punct=True, train="train") -> Path:
-    """Tokenize every caption of every split once (cached); `splits` maps role ('train', 'val') to CaptionSplit."""
+def build_tokens(splits: dict, cache_dir, lowercase=True, drop_punct=True, train="train", before_publish=None) -> Path:
+    """Tokenize every caption of every split once (cached); `splits` maps role ('train', 'val') to CaptionSplit.
+    `before_publish()` may refuse the result (it raises), e.g. when the dataset changed meanwhile."""
     spec = {"tokenizer": "spacy-blank-en", "lowercase": lowercase, "drop_punct": drop_punct, "train": train}
     out = token_dir(cache_dir, splits, spec)
 
@@ -130,7 +131,7 @@ def build_tokens(splits: dict, cache_dir, lowercase=True, drop_punct=True, train
         (tmp / "words.json").write_text(json.dumps({"words": words + others, **meta}), encoding="utf-8")
         log.info("Tokenized %s captions into %s", {r: len(t[2]) for r, t in tokenized.items()}, out)
 
-    return cached_dir(out, build, marker="words.json")
+    return cached_dir(out, build, marker="words.json", before_publish=before_publish)
 
 
 def load_words(folder: Path) -> dict:
