@@ -3,6 +3,7 @@ no cache of a dataset rebuilt while it was read, and stops on a full disk with o
 import errno
 import logging
 import shutil
+import subprocess
 from collections import namedtuple
 
 import numpy as np
@@ -55,13 +56,13 @@ def test_a_leftover_temporary_folder_is_removed_only_when_captioner_made_it(tmp_
 class Rebuilding(torch.nn.Module):
     """An encoder during whose first batch another run rebuilds the dataset with other settings."""
 
-    def __init__(self, root):
+    def __init__(self, root=None):
         super().__init__()
         self.root, self.calls = root, 0
 
     def forward(self, x):
         self.calls += 1
-        if self.calls == 1:
+        if self.calls == 1 and self.root:
             make_shapes(self.root, {"train2017": 5, "val2017": 4})
         return x.mean((2, 3))
 
@@ -77,7 +78,35 @@ def test_features_of_a_dataset_rebuilt_while_they_were_extracted_are_not_kept(tm
     assert not [p for p in (tmp_path / "cache" / "features").iterdir() if p.suffix != ".lock"]
     splits, unchanged = read_splits(data)  # a run after it: the same settings rebuild it and it extracts
     assert extract_split(splits["val"], LITE0, tmp_path / "cache", batch_size=2, num_workers=0,
-                         encoder=Rebuilding(tmp_path / "other"), before_publish=unchanged).is_dir()
+                         encoder=Rebuilding(), before_publish=unchanged).is_dir()
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """Makes a folder read-only for real (a read-only bind mount: chmod does not stop root) until the test ends."""
+    mounted = []
+
+    def make(folder):
+        for cmd in (["mount", "--bind", folder, folder], ["mount", "-o", "remount,bind,ro", folder]):
+            if subprocess.run(cmd, capture_output=True).returncode:
+                pytest.skip("needs a read-only bind mount (root with CAP_SYS_ADMIN)")
+            mounted.append(folder) if cmd[1] == "--bind" else None
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", folder])
+
+
+def test_a_read_only_cache_is_read_and_a_missing_cache_in_it_is_one_sentence(tmp_path, read_only, monkeypatch):
+    splits, _ = read_splits(OmegaConf.create({"name": "shapes", "root": str(tmp_path / "shapes"), "splits": {
+        "train": "train2017", "val": "val2017"}, "generate": {"train2017": 3, "val2017": 2}}))
+    folder = extract_split(splits["val"], LITE0, tmp_path / "cache", num_workers=0, encoder=Rebuilding())
+    shutil.rmtree(tmp_path / "cache" / "hashes")  # as for a copied data folder: its files' hashes are not recorded
+    monkeypatch.setattr(utils, "_HASHES", {})  # a new process: nothing hashed yet
+    read_only(tmp_path / "cache")
+    assert extract_split(splits["val"], LITE0, tmp_path / "cache", num_workers=0, encoder=Rebuilding()) == folder
+    with pytest.raises(CaptionerError, match="Cannot write .*choose a writable folder") as err:
+        extract_split(splits["train"], LITE0, tmp_path / "cache", num_workers=0, encoder=Rebuilding())
+    assert "\n" not in str(err.value)
 
 
 Usage = namedtuple("Usage", "total used free")
@@ -88,7 +117,7 @@ def test_extraction_checks_free_space_first(tmp_path, monkeypatch):
         "val": "val2017"}, "generate": {"val2017": 3}}))
     monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10 ** 9, 10 ** 9 - 1000, 1000))  # the OS's, not ours
     with pytest.raises(CaptionerError, match=r"needs 4,114 bytes .* only 1,000 are free") as err:
-        extract_split(splits["val"], LITE0, tmp_path / "cache", num_workers=0, encoder=Rebuilding(tmp_path / "x"))
+        extract_split(splits["val"], LITE0, tmp_path / "cache", num_workers=0, encoder=Rebuilding())
     assert "\n" not in str(err.value)  # 3 images x 3 channels x 2 bytes + the header
     assert not [p for p in (tmp_path / "cache" / "features").iterdir() if p.suffix != ".lock"]
 
