@@ -154,21 +154,28 @@ def _crc(path: Path, st) -> int:
 
 
 def _owner(folder: Path) -> dict:
+    """The folder's OWNER record; {} when there is none, None when it is unreadable (damaged)."""
     try:
-        return json.loads((folder / OWNER).read_text())
-    except (OSError, ValueError):
+        record = json.loads((folder / OWNER).read_text())
+        return record if isinstance(record, dict) else None
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError):
+        return None
 
 
 def generation(folder) -> str:
     """The id of the build of a cached folder ("" when absent): another one means it was rebuilt."""
-    return _owner(Path(folder)).get("generation", "")
+    return (_owner(Path(folder)) or {}).get("generation", "")
 
 
 def damage(folder: Path) -> str:
     """What differs from the sizes and checksums recorded when `folder` was built, or "" when nothing does
     (also for a folder built before they were recorded)."""
-    for name, (size, crc) in _owner(folder).get("files", {}).items():
+    record = _owner(folder)
+    if record is None:
+        return f"{OWNER}, its record of sizes and checksums, is unreadable"
+    for name, (size, crc) in record.get("files", {}).items():
         try:
             st = (folder / name).stat()
         except OSError:

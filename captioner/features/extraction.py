@@ -8,6 +8,7 @@ Cache layout (one folder per dataset split + encoder + preprocessing, so a chang
 The folder is written under a temporary name (<key>.tmp) and renamed when complete, under a lock file (<key>.lock)
 so that concurrent runs extract once.
 """
+import errno
 import json
 import logging
 import os
@@ -103,8 +104,12 @@ def _feature_file(path: Path, n: int, dim: int, what: str):
     needed = n * dim * 2 + 4096  # float16 rows and the .npy header
     check_free_space(path.parent, needed, what)
     out = np.lib.format.open_memmap(path, "w+", np.float16, (n, dim))
-    with write_errors(path), open(path, "r+b") as f:
-        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    try:
+        with write_errors(path), open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except (AttributeError, OSError) as e:  # not on macOS, nor on some file systems: the space check must do
+        if isinstance(e, OSError) and e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
     return out
 
 

@@ -160,3 +160,22 @@ def test_damaged_caches_are_rebuilt_once_with_a_warning_and_train_as_before(tmp_
         warned = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
         assert len(warned) == len(files), warned
         assert all(np.load(f).size for f in cache.glob("features/*/features.npy"))
+
+
+@pytest.mark.parametrize("how", ["zero", "cut"])
+@pytest.mark.parametrize("name", ["data.npy", utils.OWNER])
+def test_a_damaged_file_or_checksum_record_is_rebuilt_once_with_one_warning(tmp_path, caplog, name, how):
+    builds = []
+
+    def build(tmp):
+        builds.append(tmp)
+        np.save(tmp / "data.npy", np.arange(100))
+        (tmp / ".complete").write_text("done")
+
+    out = cached_dir(tmp_path / "c", build)
+    damage_caches(out, {name: how})
+    with caplog.at_level(logging.WARNING):
+        assert cached_dir(tmp_path / "c", build) == out and cached_dir(tmp_path / "c", build) == out
+    assert len(builds) == 2 and np.load(out / "data.npy").tolist() == list(range(100))
+    (warning,) = [r.getMessage() for r in caplog.records if "damaged" in r.getMessage()]
+    assert str(out) in warning and name in warning
