@@ -5,8 +5,9 @@ Cache layout (one folder per dataset split + encoder + preprocessing, so a chang
     <cache_dir>/features/<key>/image_ids.npy  int64, the row order
     <cache_dir>/features/<key>/meta.json      what produced it
     <cache_dir>/features/<key>/skipped.txt    unreadable images, one per line with the reason
+    <cache_dir>/features/<key>/.captioner.json  each file's size and CRC-32, checked on reuse (captioner.utils)
 The folder is written under a temporary name (<key>.tmp) and renamed when complete, under a lock file (<key>.lock)
-so that concurrent runs extract once.
+so that concurrent runs extract once; a damaged one is extracted again.
 """
 import errno
 import json
