@@ -22,9 +22,10 @@ def main(argv=None):
     cfg = compose_config("config", ["paths.run_dir=.", *argv])
     check_data(cfg)
     data, encoder = cfg.data, cfg.encoder
-    for role, split in read_splits(data).items():
+    splits, unchanged = read_splits(data)
+    for role, split in splits.items():
         folder = extract_split(split, encoder, cfg.paths.cache_dir, data.get("image_size"), encoder.batch_size,
-                               encoder.num_workers)
+                               encoder.num_workers, before_publish=unchanged)
         meta = json.loads((folder / "meta.json").read_text())
         print(f"{role} ({split.name}): {meta['n_images']} images, {meta['skipped']} unreadable -> {folder}",
               flush=True)

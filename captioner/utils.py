@@ -1,14 +1,20 @@
 """Small shared helpers: the user-facing error type, atomic file writes, cache keys and cache folders."""
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
+import uuid
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from filelock import FileLock
 
 
+log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"  # a training run's final metrics, in its run dir (read by the sweep table)
 
 
@@ -30,29 +36,55 @@ def to_rgb(im):
     return im.convert("RGB")  # RGBA, grayscale, palette, CMYK, 1-bit alike
 
 
-def atomic_write_text(path, text: str) -> None:
+@contextmanager
+def write_errors(path):
+    """A full disk or a folder we may not write, while writing `path`, as one sentence (not a traceback)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            where = next(p for p in [Path(path), *Path(path).parents] if p.exists())
+            raise CaptionerError(f"Cannot write {path}: the disk is full ({shutil.disk_usage(where).free:,} bytes "
+                                 f"free); free some space or choose a folder on another disk.") from None
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise CaptionerError(f"Cannot write {path} ({e.strerror}); choose a writable folder "
+                                 f"(paths.cache_dir, paths.run_dir or data.root).") from None
+        raise
+
+
+def check_free_space(folder, needed: int, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise CaptionerError(f"{what} needs {needed:,} bytes in {folder} but only {free:,} are free; free some "
+                             f"space or set paths.cache_dir to a folder on another disk.")
+
+
+def _atomic(path, write) -> None:
+    """write(tmp) then rename over `path`: readers see the old file or the new one, never half of one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with write_errors(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write(tmp)
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # our own temporary name; gone already when the rename happened
+
+
+def atomic_write_text(path, text: str) -> None:
+    _atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def atomic_copy(src, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, path)
+    _atomic(path, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def atomic_save_npy(path, array: np.ndarray) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+    _atomic(path, write)
 
 
 _HASHES: dict = {}  # (path, size, mtime_ns) -> digest, for this process
@@ -80,7 +112,10 @@ def file_fingerprint(path, cache_dir=None) -> dict:
         else:
             _HASHES[stamp] = _digest(path)
             if record is not None:
-                atomic_write_text(record, _HASHES[stamp])
+                try:
+                    atomic_write_text(record, _HASHES[stamp])
+                except CaptionerError:
+                    pass  # only saves hashing it again next time (a read-only or full cache folder)
     return {"blake2b": _HASHES[stamp], "size": st.st_size}
 
 
@@ -103,26 +138,106 @@ def cache_key(spec: dict) -> str:
     return hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def cached_dir(out, build, marker: str = ".complete", is_complete=None) -> Path:
+OWNER = ".captioner.json"  # written first into every folder cached_dir builds: the proof that captioner made it, a
+# generation id (new on every rebuild) and, once built, each file's size and CRC-32 (checked whenever it is reused)
+
+
+def _crc(path: Path, st) -> int:
+    stamp = ("crc", str(path), st.st_size, st.st_mtime_ns)
+    if stamp not in _HASHES:  # once per process: zlib.crc32 reads ~1 GB/s from the page cache
+        crc = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                crc = zlib.crc32(chunk, crc)
+        _HASHES[stamp] = crc
+    return _HASHES[stamp]
+
+
+def _owner(folder: Path) -> dict:
+    """The folder's OWNER record; {} when there is none, None when it is unreadable (damaged)."""
+    try:
+        record = json.loads((folder / OWNER).read_text())
+        return record if isinstance(record, dict) else None
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        return None
+
+
+def generation(folder) -> str:
+    """The id of the build of a cached folder ("" when absent): another one means it was rebuilt."""
+    return (_owner(Path(folder)) or {}).get("generation", "")
+
+
+def damage(folder: Path) -> str:
+    """What differs from the sizes and checksums recorded when `folder` was built, or "" when nothing does
+    (also for a folder built before they were recorded)."""
+    record = _owner(folder)
+    if record is None:
+        return f"{OWNER}, its record of sizes and checksums, is unreadable"
+    for name, (size, crc) in record.get("files", {}).items():
+        try:
+            st = (folder / name).stat()
+        except OSError:
+            return f"{name} is missing"
+        if st.st_size != size:
+            return f"{name} has {st.st_size:,} bytes instead of {size:,}"
+        if _crc(folder / name, st) != crc:
+            return f"{name} does not match its checksum"
+    return ""
+
+
+def _ours(folder: Path, marker: str, hint: str) -> bool:
+    """Whether `folder` exists and may be removed: captioner made it (its OWNER file or its completion marker) or
+    it is empty. Anything else stops the run: captioner deletes only what it can prove it created."""
+    if not folder.exists():
+        return False
+    if folder.is_dir() and ((folder / OWNER).exists() or (folder / marker).exists() or not any(folder.iterdir())):
+        return True
+    raise CaptionerError(f"{folder} already exists and was not made by captioner, so it is left as it is; "
+                         f"{hint or 'move it away or choose another folder'}.")
+
+
+def cached_dir(out, build, marker: str = ".complete", is_complete=None, checksums=True, before_publish=None,
+               hint="") -> Path:
     """The one way a cache folder is made: lock -> check -> build in a temporary folder -> rename.
 
     `build(tmp)` fills the temporary folder; the folder appears under its final name only when complete, so an
     interrupted build never looks finished, and concurrent processes (DDP ranks, sweep jobs) build it once: the
     others wait on the lock and then find it. Complete means `is_complete(folder)`, by default `folder/marker`
-    exists; `build` must write the marker (or whatever `is_complete` checks) itself.
+    exists; `build` must write the marker (or whatever `is_complete` checks) itself. With `checksums`, a complete
+    folder whose files differ from those built is rebuilt (one warning). `before_publish()` may refuse the build
+    (it raises) after `build`; `hint` ends the sentence refusing to replace a folder captioner did not make.
     """
     out = Path(out)
     done = is_complete or (lambda d: (d / marker).exists())
-    if done(out):
+    if done(out) and not (checksums and damage(out)):
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(f"{out}.lock"):
-        if done(out):  # another process built it while we waited
-            return out
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted build
-        tmp.mkdir()
-        build(tmp)
-        shutil.rmtree(out, ignore_errors=True)  # an incomplete or outdated folder
-        tmp.rename(out)
+    tmp = out.with_name(out.name + ".tmp")
+    with write_errors(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{out}.lock"):
+            if done(out):  # maybe another process built it while we waited
+                if not (problem := checksums and damage(out)):
+                    return out
+                log.warning("The cache %s is damaged (%s); rebuilding it.", out, problem)
+            _ours(out, marker, hint)  # refuse before building, not after
+            if _ours(tmp, marker, hint):
+                shutil.rmtree(tmp)  # left over from an interrupted build
+            tmp.mkdir()
+            (tmp / OWNER).write_text(json.dumps({"generation": uuid.uuid4().hex}))
+            try:
+                build(tmp)
+                if before_publish:
+                    before_publish()
+                if checksums:
+                    files = sorted(p for p in tmp.rglob("*") if p.is_file() and p.name != OWNER)
+                    record = {str(p.relative_to(tmp)): [p.stat().st_size, _crc(p, p.stat())] for p in files}
+                    atomic_write_text(tmp / OWNER, json.dumps({**_owner(tmp), "files": record}))
+                if _ours(out, marker, hint):
+                    shutil.rmtree(out)  # an incomplete, outdated or damaged folder of ours
+                tmp.rename(out)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+                raise
     return out

@@ -68,6 +68,8 @@ def write_dataset(root, splits: dict, spec: dict, name: str, example, rng_key: s
         return root
 
     def build(tmp):
+        if root.exists():
+            log.info("Rebuilding the %s dataset at %s (settings changed or incomplete).", name, root)
         (tmp / "annotations").mkdir()
         image_id, ann_id = 1, 1
         for split_i, (split, n_images) in enumerate(splits.items()):
@@ -88,9 +90,10 @@ def write_dataset(root, splits: dict, spec: dict, name: str, example, rng_key: s
             (tmp / "annotations" / f"captions_{split}.json").write_text(json.dumps(coco))
         atomic_write_text(tmp / "annotations" / ".complete.json", json.dumps(spec))
 
-    if root.exists():
-        log.info("Rebuilding the %s dataset at %s (settings changed or incomplete).", name, root)
-    cached_dir(root, build, is_complete=complete)
+    # data.root may hold a user's own dataset: cached_dir replaces only a folder captioner made
+    cached_dir(root, build, marker="annotations/.complete.json", is_complete=complete, checksums=False,
+               hint=f"point data.root at an empty or new folder for the {name} dataset, or use data=coco to train "
+                    f"on the dataset it holds")
     log.info("Wrote the %s dataset to %s (%s).", name, root, ", ".join(f"{k}: {v}" for k, v in splits.items()))
     return root
 

@@ -117,10 +117,12 @@ def token_spec(lowercase=True, drop_punct=True, train="train", max_words=MAX_WOR
             "max_words": max_words}
 
 
-def build_tokens(splits: dict, cache_dir, lowercase=True, drop_punct=True, train="train", max_words=MAX_WORDS):
+def build_tokens(splits: dict, cache_dir, lowercase=True, drop_punct=True, train="train", max_words=MAX_WORDS,
+                 before_publish=None) -> Path:
     """Tokenize every caption of every split once (cached); `splits` maps role ('train', 'val') to CaptionSplit.
     Captions longer than `max_words` words are cut there (one warning): one runaway caption would otherwise pad
-    every batch it is drawn in to its length."""
+    every batch it is drawn in to its length. `before_publish()` may refuse the result (it raises), e.g. when the
+    dataset changed meanwhile."""
     spec = token_spec(lowercase, drop_punct, train, max_words)
     out = token_dir(cache_dir, splits, spec)
 
@@ -151,7 +153,7 @@ def build_tokens(splits: dict, cache_dir, lowercase=True, drop_punct=True, train
         (tmp / "words.json").write_text(json.dumps({"words": words + others, **meta}), encoding="utf-8")
         log.info("Tokenized %s captions into %s", {r: len(t[2]) for r, t in tokenized.items()}, out)
 
-    return cached_dir(out, build, marker="words.json")
+    return cached_dir(out, build, marker="words.json", before_publish=before_publish)
 
 
 def load_words(folder: Path) -> dict:

@@ -5,11 +5,14 @@ Cache layout (one folder per dataset split + encoder + preprocessing, so a chang
     <cache_dir>/features/<key>/image_ids.npy  int64, the row order
     <cache_dir>/features/<key>/meta.json      what produced it
     <cache_dir>/features/<key>/skipped.txt    unreadable images, one per line with the reason
+    <cache_dir>/features/<key>/.captioner.json  each file's size and CRC-32, checked on reuse (captioner.utils)
 The folder is written under a temporary name (<key>.tmp) and renamed when complete, under a lock file (<key>.lock)
-so that concurrent runs extract once.
+so that concurrent runs extract once; a damaged one is extracted again.
 """
+import errno
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -23,7 +26,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from captioner.data.coco import CaptionSplit
 from captioner.features.encoders import build_encoder, encoder_preprocessing, normalizing, resizing
 from captioner.features.jpeg import ImageBytes, as_lists, decode_batch
-from captioner.utils import CaptionerError, cache_key, cached_dir, file_fingerprint, files_fingerprint, to_rgb
+from captioner.utils import (CaptionerError, cache_key, cached_dir, check_free_space, file_fingerprint,
+                             files_fingerprint, to_rgb, write_errors)
 
 log = logging.getLogger(__name__)
 MAX_WARNINGS = 20
@@ -77,20 +81,37 @@ def load_features(folder: Path):
 
 def _compact(src: np.ndarray, keep: np.ndarray, path: Path, rows=16384):
     """Write src[keep] to a new .npy a slice at a time, so a COCO-sized array never has to fit in memory."""
-    out = np.lib.format.open_memmap(path, "w+", np.float16, (len(keep), src.shape[1]))
+    out = _feature_file(path, len(keep), src.shape[1], f"Leaving out unreadable images from {path.parent}")
     for s in range(0, len(keep), rows):
         out[s:s + rows] = src[keep[s:s + rows]]
     out.flush()
 
 
 def extract_split(split: CaptionSplit, encoder_cfg, cache_dir, image_size=None, batch_size=64,
-                  num_workers=2, device=None, encoder=None, spec=None, gpu_decode=None) -> Path:
+                  num_workers=2, device=None, encoder=None, spec=None, gpu_decode=None, before_publish=None) -> Path:
     """Extract (or find cached) features for one split; returns the cache folder. `spec` (a checkpoint's
-    preprocessing) replaces encoder_cfg + image_size; `gpu_decode` (default: on CUDA) decodes JPEGs on the device."""
+    preprocessing) replaces encoder_cfg + image_size; `gpu_decode` (default: on CUDA) decodes JPEGs on the device.
+    `before_publish()` may refuse the features (it raises), e.g. when the dataset was rebuilt meanwhile."""
     spec = spec or preprocess_spec(encoder_cfg, image_size)
     out = feature_dir(cache_dir, split, spec)
     return cached_dir(out, lambda tmp: _extract(split, spec, encoder_cfg, tmp, batch_size, num_workers, device,
-                                                 encoder, gpu_decode), marker="meta.json")
+                                                 encoder, gpu_decode), marker="meta.json",
+                      before_publish=before_publish)
+
+
+def _feature_file(path: Path, n: int, dim: int, what: str):
+    """The memory-mapped float16 [n, dim] file, its disk space reserved first: a full disk under a memory map
+    kills the process (SIGBUS) with no message, so it must fail here, as one sentence."""
+    needed = n * dim * 2 + 4096  # float16 rows and the .npy header
+    check_free_space(path.parent, needed, what)
+    out = np.lib.format.open_memmap(path, "w+", np.float16, (n, dim))
+    try:
+        with write_errors(path), open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+    except (AttributeError, OSError) as e:  # not on macOS, nor on some file systems: the space check must do
+        if isinstance(e, OSError) and e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
+            raise
+    return out
 
 
 def _extract(split, spec, encoder_cfg, tmp, batch_size, num_workers, device, encoder, gpu_decode):
@@ -128,7 +149,8 @@ def _extract(split, spec, encoder_cfg, tmp, batch_size, num_workers, device, enc
             with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
                 y = encoder(x).float()
             if feats is None:
-                feats = np.lib.format.open_memmap(tmp / "all.npy", "w+", np.float16, (len(files), y.shape[1]))
+                feats = _feature_file(tmp / "all.npy", len(files), y.shape[1],
+                                      f"Extracting {split.name} features ({len(files)} images x {y.shape[1]})")
             feats[idx.numpy()] = y.cpu().numpy().astype(np.float16)
             for i, e in zip(idx.tolist(), err):
                 if e:

@@ -21,22 +21,32 @@ from captioner.features.extraction import extract_split, load_features, preproce
 from captioner.data.scenes import make_scenes
 from captioner.data.shapes import make_shapes
 from captioner.data.vocab import MAX_WORDS, SPECIALS, Vocabulary, build_tokens, coverage, load_words
+from captioner.utils import CaptionerError, generation
 
 log = logging.getLogger(__name__)
 
-GENERATORS = {"shapes": make_shapes, "scenes": make_scenes}  # built-in datasets, written in the COCO layout on first use
+GENERATORS = {"shapes": make_shapes, "scenes": make_scenes}  # built-in datasets, written as COCO on first use
 
 
-def read_splits(data) -> dict:
-    """Role ('train', 'val', ...) -> CaptionSplit of the `data` config, generating a built-in dataset first."""
+def read_splits(data):
+    """(role ('train', 'val', ...) -> CaptionSplit of the `data` config, generating a built-in dataset first;
+    a check that raises when another run has rebuilt the dataset since: caches of it run it before they appear)."""
     if data.get("generate"):
         GENERATORS[data.name](data.root, data.generate)
-    return load_splits(data.root, data.splits, data.get("split_file"))
+    built = generation(data.root)  # before reading anything of it
+
+    def unchanged():
+        if generation(data.root) != built:
+            raise CaptionerError(f"The dataset at {data.root} was rebuilt by another run (other data.generate "
+                                 f"settings) while this one read it, so its caches are not saved; run one at a "
+                                 f"time or give each its own data.root.")
+    return load_splits(data.root, data.splits, data.get("split_file")), unchanged
 
 
-def split_features(split: CaptionSplit, encoder, cache_dir, image_size=None):
+def split_features(split: CaptionSplit, encoder, cache_dir, image_size=None, unchanged=None):
     """(features float16 [n, dim] memory-mapped, image id per row) of a split, extracting them once (logged)."""
-    folder = extract_split(split, encoder, cache_dir, image_size, encoder.batch_size, encoder.num_workers)
+    folder = extract_split(split, encoder, cache_dir, image_size, encoder.batch_size, encoder.num_workers,
+                           before_publish=unchanged)
     return load_features(folder)
 
 
@@ -82,11 +92,12 @@ class Prepared:
 def prepare(data, encoder, cache_dir, roles=None) -> Prepared:
     """Build (or find) every cache that training on `data` with `encoder` needs: the dataset itself when it is
     generated, the tokens of all its splits, and the features of the splits in `roles` (default: all)."""
-    splits = read_splits(data)
+    splits, unchanged = read_splits(data)
     tokens = build_tokens(splits, cache_dir, data.lowercase, data.drop_punct,
-                          max_words=data.get("max_words", MAX_WORDS))
+                          max_words=data.get("max_words", MAX_WORDS), before_publish=unchanged)
     roles = list(splits) if roles is None else roles
-    features = {role: split_features(splits[role], encoder, cache_dir, data.get("image_size")) for role in roles}
+    features = {role: split_features(splits[role], encoder, cache_dir, data.get("image_size"), unchanged)
+                for role in roles}
     return Prepared(splits, features, tokens, preprocess_spec(encoder, data.get("image_size")))
 
 
