@@ -86,8 +86,8 @@ def test_training_with_a_pipeline_keeps_vocabulary_and_vectors_in_the_checkpoint
     assert "of training tokens" in caplog.text
     # captioning later rebuilds the same table from the checkpoint alone
     captioner = Captioner(ckpt, device="cpu")
-    assert torch.equal(captioner.models.show_and_tell.embed.table(), table)
-    assert captioner.data.vocab.itos == itos
+    assert torch.equal(captioner.model.embed.table(), table)
+    assert captioner.vocab.itos == itos
 
 
 def _token_folder(cfg):

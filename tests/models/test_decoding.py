@@ -100,7 +100,7 @@ def test_validation_captions_decode_as_the_decode_group_says(cfg_factory, traine
     sampled = monitor("decode=sample", "top_k=3", "seed=7").decode
     assert (sampled["temperature"], sampled["top_k"], sampled["seed"]) == (1.0, 3, 7)
     captioner = Captioner(trained["ckpt"], "cpu")
-    feats = torch.randn(4, captioner.models.show_and_tell.init_hidden.in_features, generator=torch.Generator().manual_seed(0))
-    first = captions(captioner.models.show_and_tell, captioner.data.vocab, feats, **sampled)
-    assert first == captions(captioner.models.show_and_tell, captioner.data.vocab, feats, **sampled)  # seeded: the same every epoch
-    assert first != captions(captioner.models.show_and_tell, captioner.data.vocab, feats, **{**sampled, "seed": 8})
+    feats = torch.randn(4, captioner.model.init_hidden.in_features, generator=torch.Generator().manual_seed(0))
+    first = captions(captioner.model, captioner.vocab, feats, **sampled)
+    assert first == captions(captioner.model, captioner.vocab, feats, **sampled)  # seeded: the same every epoch
+    assert first != captions(captioner.model, captioner.vocab, feats, **{**sampled, "seed": 8})
