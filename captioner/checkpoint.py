@@ -91,7 +91,7 @@ def load_checkpoint(path, map_location="cpu", key="ckpt_path") -> dict:
     return ckpt
 
 
-ARCHITECTURE = ("rnn_type", "hidden_size", "num_layers", "feature_dim", "blind")
+ARCHITECTURE = ("model", "rnn_type", "hidden_size", "num_layers", "feature_dim", "blind")
 
 
 def check_same_architecture(path, saved: dict, wanted: dict) -> None:
@@ -117,6 +117,6 @@ def init_weights(module, path, itos, feature_dim) -> None:
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError:
-        raise CaptionerError(f"init_from={path} has another model shape; use the hidden_size, num_layers, rnn_type "
-                             f"and embeddings it was trained with ({hp['hidden_size']}, {hp['num_layers']}, "
-                             f"{hp['rnn_type']}, {hp['embeddings'].get('name')}).") from None
+        raise CaptionerError(f"init_from={path} has another model shape; use the model and embeddings it was "
+                             f"trained with ({hp.get('model') or hp.get('rnn_type')}, "
+                             f"{hp['embeddings'].get('name')}).") from None

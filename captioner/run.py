@@ -22,7 +22,7 @@ from captioner.checkpoint import check_same_architecture, init_weights, load_che
 from captioner.cli import compose_config, one_line, one_line_errors
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.embeddings import load_vectors
-from captioner.models.show_and_tell import RNNS
+from captioner.models import check_model, model_entry
 from captioner.training.module import CaptionModule
 from captioner.training.prepare import prepare, word_vectors
 from captioner.training.scst import SCSTModule
@@ -37,10 +37,7 @@ def check_config(cfg: DictConfig) -> None:
     """Catch wrong values early, with one sentence naming the key."""
     training_checks.check_run(cfg)
     training_checks.check_recipes(cfg)
-    rnn = str(cfg.rnn_type).lower()
-    if rnn not in RNNS:
-        raise CaptionerError(f"rnn_type={cfg.rnn_type} is not one of lstm, gru, rnn.")
-    cfg.rnn_type = rnn
+    check_model(OmegaConf.to_container(cfg.model, resolve=True))
     if cfg.optimizer not in cfg.optimizers:
         raise CaptionerError(f"optimizer={cfg.optimizer} is not one of {', '.join(cfg.optimizers)}.")
     if cfg.get("compile") not in (None, False, True, *COMPILE_MODES):
@@ -64,9 +61,9 @@ def build(cfg: DictConfig, nlp=None):
     pl.seed_everything(cfg.seed, workers=True)  # after the caches: building them must not change the draws
     module = (SCSTModule if cfg.objective == "scst" else CaptionModule)(
         itos=vocab.itos, feature_dim=prepared.feature_dim, preprocess=prepared.preprocess, embeddings=emb,
-        hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, rnn_type=cfg.rnn_type, optimizer=optimizer,
+        model=OmegaConf.to_container(cfg.model, resolve=True), optimizer=optimizer,
         learning_rate=cfg.learning_rate, config=OmegaConf.to_container(cfg, resolve=True),
-        pretrained=pretrained, has_vector=has_vector, blind=cfg.blind, dropout=cfg.dropout,
+        pretrained=pretrained, has_vector=has_vector,
         label_smoothing=cfg.label_smoothing, scheduler=OmegaConf.to_container(cfg.scheduler, resolve=True),
         scheduled_sampling=OmegaConf.to_container(cfg.scheduled_sampling, resolve=True),
         compile=cfg.get("compile") or False)
@@ -106,8 +103,9 @@ def train(cfg: DictConfig) -> float:
         log.info("Resuming from %s.", cfg.ckpt_path)
     resume = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None  # safe, and before any long work
     if resume:
-        check_same_architecture(cfg.ckpt_path, resume["hyper_parameters"], dict(
-            rnn_type=cfg.rnn_type, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers, blind=cfg.blind))
+        saved, wanted = model_entry(resume["hyper_parameters"]), OmegaConf.to_container(cfg.model, resolve=True)
+        check_same_architecture(cfg.ckpt_path, {**resume["hyper_parameters"], **saved, "model": saved["name"]},
+                                {**wanted, "model": wanted["name"]})
     run_dir = Path(cfg.paths.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     nlp = load_vectors(cfg.embeddings, cfg.paths.cache_dir)  # first: a wrong choice fails before long extraction

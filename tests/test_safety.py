@@ -97,7 +97,7 @@ def test_each_checkpoint_problem_has_its_own_sentence(trained, tmp_path):
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.ckpt")
     ckpt = torch.load(good, map_location="cpu", weights_only=True)
-    ckpt["hyper_parameters"]["hidden_size"] = 32  # says 32, holds 64: another architecture
+    ckpt["hyper_parameters"]["model"]["hidden_size"] = 32  # says 32, holds 64: another architecture
     torch.save(ckpt, tmp_path / "mismatch.ckpt")
     cases = {tmp_path: "is a folder, not a checkpoint file", tmp_path / "missing.ckpt": "does not exist",
              tmp_path / "empty.ckpt": "is empty (0 bytes)", tmp_path / "notes.ckpt": "is not a PyTorch checkpoint",

@@ -7,23 +7,11 @@ with the caption, and no pass over a [batch, beam * vocabulary] tensor beyond th
 import torch
 import torch.nn.functional as F
 
-from captioner.models.show_and_tell import ShowAndTell
+from captioner.models.base import CaptionModel
 from captioner.data.vocab import END, PAD, START
 
 NEG = -1e9
 DECODE_KEYS = ("beam_size", "max_len", "n_best", "length_penalty", "temperature", "top_k", "seed")
-
-
-def _reorder(state, index):
-    if isinstance(state, tuple):
-        return tuple(s[:, index] for s in state)
-    return state[:, index]
-
-
-def _repeat(state, k):
-    if isinstance(state, tuple):
-        return tuple(s.repeat_interleave(k, 1) for s in state)
-    return state.repeat_interleave(k, 1)
 
 
 def _mask_specials(logp):
@@ -31,14 +19,14 @@ def _mask_specials(logp):
     return logp
 
 
-def _step(model: ShowAndTell, words, state):
+def _step(model: CaptionModel, words, state):
     logits, state = model.step(words, state)
     # one pass: fp32 log-probabilities straight from (possibly bf16) logits, no separate .float() copy
     return _mask_specials(F.log_softmax(logits, -1, dtype=torch.float32)), state
 
 
 @torch.no_grad()
-def beam_search(model: ShowAndTell, features, beam_size=3, max_len=20, length_penalty=0.0, n_best=1,
+def beam_search(model: CaptionModel, features, beam_size=3, max_len=20, length_penalty=0.0, n_best=1,
                 check_every=4):
     """Returns (tokens [B, n_best, T], log-probabilities [B, n_best], probabilities over the returned set).
 
@@ -49,10 +37,10 @@ def beam_search(model: ShowAndTell, features, beam_size=3, max_len=20, length_pe
     and no [B, k * V] candidate tensor is ever written. Each step writes its words and back-pointers into
     preallocated [max_len, B, k] buffers; the sequences are read back once at the end.
     """
-    B, k = features.shape[0], min(beam_size, model.out.out_features)  # no more beams than words
+    B, k = features.shape[0], min(beam_size, model.vocab_size)  # no more beams than words
     n_best = min(n_best, k)
     device = features.device
-    state = _repeat(model.initial_state(features), k)
+    state = model.repeat_state(model.initial_state(features), k)
     scores = torch.full((B, k), NEG, device=device)
     scores[:, 0] = 0.0  # one live beam at the first step, so the first words of the beams differ
     words = torch.full((B * k,), START, device=device, dtype=torch.long)
@@ -74,7 +62,7 @@ def beam_search(model: ShowAndTell, features, beam_size=3, max_len=20, length_pe
         scores, flat = (scores[..., None] + best).view(B, -1).topk(k, -1)
         origin = flat // k
         words = word.view(B, -1).gather(1, flat)
-        state = _reorder(state, (origin + offsets).view(-1))
+        state = model.reorder_state(state, (origin + offsets).view(-1))
         tokens[t], origins[t] = words, origin
         was_done = done.gather(1, origin)
         lengths = lengths.gather(1, origin) + ~was_done
@@ -104,7 +92,7 @@ def draw(logits, generator=None):
 
 
 @torch.no_grad()
-def sample(model: ShowAndTell, features, max_len=20, temperature=1.0, top_k=0, generator=None, check_every=4):
+def sample(model: CaptionModel, features, max_len=20, temperature=1.0, top_k=0, generator=None, check_every=4):
     """Ancestral sampling (the seed's `probabilistic`; SCST's samples): tokens [B, T], <pad> after <end>, T <=
     max_len. All B captions advance together; whether all have ended is checked (a host sync) every `check_every`
     words only (0: never)."""
@@ -135,7 +123,7 @@ def decode_options(cfg) -> dict:
 
 
 @torch.no_grad()
-def captions(model: ShowAndTell, vocab, features, beam_size=3, max_len=20, n_best=1, length_penalty=0.0,
+def captions(model: CaptionModel, vocab, features, beam_size=3, max_len=20, n_best=1, length_penalty=0.0,
              temperature=None, top_k=0, seed=None):
     """Features [B, dim] -> one list of (caption, probability) per image, probabilities normalised over that
     list; with `temperature` set, one sampled caption per image instead of beam search."""

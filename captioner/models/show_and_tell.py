@@ -3,41 +3,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioner.models.base import CaptionModel, register_model
+from captioner.models.layers import WordEmbedding  # noqa: F401 (imported from here by callers)
+from captioner.utils import CaptionerError
+
 RNNS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 CELLS = {"lstm": torch.lstm_cell, "gru": torch.gru_cell, "rnn": torch.rnn_tanh_cell}  # one step, same weights
 
 
-class WordEmbedding(nn.Module):
-    """Word vectors, optionally initialised from a pretrained matrix.
-
-    With `freeze`, rows that have a pretrained vector (`has_vector`) stay fixed and only the others (special
-    tokens, words without a vector) are learned; without it, every row is fine-tuned.
-    """
-
-    def __init__(self, num_words: int, dim: int, freeze=False, pretrained=None, has_vector=None):
-        super().__init__()
-        self.frozen = freeze
-        self.weight = nn.Parameter(torch.randn(num_words, dim) * (0.1 if pretrained is None else
-                                                                   float(pretrained.std())))
-        has_vector = torch.zeros(num_words, dtype=torch.bool) if has_vector is None else has_vector
-        self.register_buffer("has_vector", has_vector.bool())
-        self.register_buffer("pretrained", torch.zeros(num_words, dim) if pretrained is None else pretrained.float())
-        with torch.no_grad():
-            self.weight[self.has_vector] = self.pretrained[self.has_vector]
-
-    def table(self) -> torch.Tensor:
-        if self.frozen:
-            return torch.where(self.has_vector[:, None], self.pretrained, self.weight)
-        return self.weight
-
-    def forward(self, ids):
-        return F.embedding(ids, self.table())
-
-
-class ShowAndTell(nn.Module):
+@register_model("show_and_tell")
+class ShowAndTell(CaptionModel):
     def __init__(self, feature_dim: int, vocab_size: int, embedding: WordEmbedding, hidden_size: int = 512,
                  num_layers: int = 1, rnn_type: str = "lstm", blind: bool = False, dropout: float = 0.0):
         super().__init__()
+        if str(rnn_type).lower() not in RNNS:
+            raise CaptionerError(f"rnn_type={rnn_type} is not one of {', '.join(RNNS)}.")
         self.blind = blind  # ablation: zero the image features, leaving a language model (the blind baseline)
         self.rnn_type, self.num_layers, self.hidden_size = rnn_type.lower(), num_layers, hidden_size
         self.init_hidden = nn.Linear(feature_dim, hidden_size * num_layers)
@@ -47,6 +27,18 @@ class ShowAndTell(nn.Module):
         self.layer_weights = self.rnn.all_weights
         self.out = nn.Linear(hidden_size, vocab_size)
         self.drop = nn.Dropout(dropout)  # on the word vectors and on the RNN output before `out` (training only)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.out.out_features
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.layer_weights = self.rnn.all_weights  # the RNN's current Parameter objects, after a move or a cast
+        return self
+
+    def logits(self, hidden):
+        return self.out(hidden)
 
     def initial_state(self, features):
         """The features become the hidden state of every layer; an LSTM's cell state starts at zero."""

@@ -10,10 +10,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from captioner.checkpoint import check_device, load_checkpoint, resolve_checkpoint
-from captioner.models.decoding import captions
+from captioner.data.vocab import Vocabulary
 from captioner.features.encoders import build_encoder, preprocessing
-from captioner.training.module import CaptionModule
-from captioner.utils import CaptionerError, to_rgb
+from captioner.models import load_model, model_entry
+from captioner.models.decoding import captions
+from captioner.utils import to_rgb
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -24,17 +25,10 @@ class Captioner:
         self.ckpt_path = resolve_checkpoint(ckpt_path)
         self.device = check_device(device)  # first: a missing GPU is its own sentence, not a checkpoint problem
         ckpt = checkpoint or load_checkpoint(self.ckpt_path)  # safe: plain data and tensors only, never code
-        try:
-            self.module = CaptionModule(**ckpt["hyper_parameters"])
-            self.module.load_state_dict(ckpt["state_dict"])
-        except (KeyError, RuntimeError, TypeError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CaptionerError(f"{self.ckpt_path} does not match the model its hyperparameters describe "
-                                 f"({first[:200]}).") from None
-        self.module.to(self.device)
-        self.module.eval()
-        self.model, self.vocab = self.module.model, self.module.vocab
-        pre = self.preprocess = dict(self.module.hparams.preprocess)
+        self.model = load_model(ckpt, self.ckpt_path).to(self.device)  # the model alone: no training code
+        self.hparams = ckpt["hyper_parameters"]
+        self.vocab = Vocabulary(self.hparams["itos"])
+        pre = self.preprocess = dict(self.hparams["preprocess"])
         weights = None if pre["weights"] == "default" else pre["weights"]
         self.encoder = build_encoder(OmegaConf.create({"name": pre["encoder"], "weights": weights})).to(self.device)
         self.transform = preprocessing(pre["image_size"], pre["mean"], pre["std"], pre.get("interpolation", "bilinear"))
@@ -42,11 +36,11 @@ class Captioner:
 
     @property
     def info(self) -> dict:
-        hp = self.module.hparams
+        entry = model_entry(self.hparams)
         # the file name only: a server must not tell its clients where its files are
         return {"checkpoint": self.ckpt_path.name, "encoder": self.preprocess["encoder"],
-                "image_size": self.preprocess["image_size"], "rnn_type": hp.rnn_type, "hidden_size": hp.hidden_size,
-                "num_layers": hp.num_layers, "vocabulary": len(self.vocab), "embeddings": hp.embeddings.get("name")}
+                "image_size": self.preprocess["image_size"], "model": entry.pop("name"), **entry,
+                "vocabulary": len(self.vocab), "embeddings": self.hparams["embeddings"].get("name")}
 
     def encoder_input(self, image) -> torch.Tensor:
         """A PIL image (any mode) -> the encoder's input for it: small, so the full-size image can be let go."""

@@ -1,4 +1,4 @@
-"""The LightningModule: Show and Tell + cross-entropy over the real tokens, perplexity logging, optimizer from config."""
+"""The LightningModule: a captioning model (the model/ group) + cross-entropy over the real tokens, perplexity logging, optimizer from config."""
 import hydra
 import pytorch_lightning as pl
 import torch
@@ -7,7 +7,7 @@ from torchmetrics import MeanMetric
 
 from captioner.models.decoding import draw
 from captioner.training.graphs import StepGraphs
-from captioner.models.show_and_tell import ShowAndTell, WordEmbedding
+from captioner.models import WordEmbedding, make_model
 from captioner.utils import CaptionerError
 from captioner.data.vocab import PAD, Vocabulary
 
@@ -17,16 +17,20 @@ class CaptionModule(pl.LightningModule):
     the vocabulary, the encoder and its preprocessing, the model sizes and the word-vector choice."""
     train_loss = "cross-entropy"  # what train/loss is (History plots it with val/loss, and its exp as perplexity)
 
-    def __init__(self, itos, feature_dim, preprocess, embeddings, hidden_size=512, num_layers=1, rnn_type="lstm",
-                 optimizer=None, learning_rate=1e-4, config=None, pretrained=None, has_vector=None, blind=False,
-                 dropout=0.0, label_smoothing=0.0, scheduler=None, scheduled_sampling=None, compile=False):
+    def __init__(self, itos, feature_dim, preprocess, embeddings, model=None, optimizer=None, learning_rate=1e-4,
+                 config=None, pretrained=None, has_vector=None, label_smoothing=0.0, scheduler=None,
+                 scheduled_sampling=None, compile=False, **show_and_tell):
+        """`model`: a model/ config or a checkpoint's model entry (models.make_model). Without it, the keyword
+        arguments left (hidden_size, rnn_type, ... of checkpoints from before the model/ group) are a show_and_tell."""
         super().__init__()
         # the pretrained matrix lives in the state dict (a buffer), not in the hyperparameters
         self.save_hyperparameters(ignore=["pretrained", "has_vector"], logger=False)
         self.vocab = Vocabulary(itos)
         embedding = WordEmbedding(len(itos), embeddings["dim"], embeddings.get("freeze", False), pretrained, has_vector)
-        self.model = ShowAndTell(feature_dim, len(itos), embedding, hidden_size, num_layers, rnn_type, blind,
-                                 dropout)
+        self.model = make_model(model or {"name": "show_and_tell", **show_and_tell}, feature_dim, len(itos), embedding)
+        for key in show_and_tell:
+            self.hparams.pop(key, None)
+        self.hparams["model"] = self.model.entry  # the registry name and arguments: what load_model rebuilds
         self.val_loss = MeanMetric()
         # opt-in: "graphs" replays the loss's forward and backward as CUDA graphs, one per batch shape (StepGraphs);
         # true or a torch.compile mode ("reduce-overhead", ...) compiles the loss. Batches are then padded to few
@@ -48,10 +52,10 @@ class CaptionModule(pl.LightningModule):
         hidden, _ = self.model(features, inputs)
         if len(batch) > 3:
             real = batch[3]
-            logits = self.model.out(hidden.flatten(0, 1).index_select(0, real))
+            logits = self.model.logits(hidden.flatten(0, 1).index_select(0, real))
             targets = targets.flatten().index_select(0, real)
         else:
-            logits, targets = self.model.out(hidden).flatten(0, 1), targets.flatten()
+            logits, targets = self.model.logits(hidden).flatten(0, 1), targets.flatten()
         smoothing = self.hparams.label_smoothing if self.training else 0.0  # val/loss stays the plain cross-entropy
         return F.cross_entropy(logits.float(), targets, ignore_index=PAD, label_smoothing=smoothing), targets
 

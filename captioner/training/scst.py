@@ -69,10 +69,10 @@ def caption_nll(model, features, tokens, real_only=None):
     inputs = torch.cat([torch.full_like(tokens[:, :1], START), tokens[:, :-1]], 1)
     hidden, _ = model(features, inputs)
     if not (hidden.device.type == "cpu" if real_only is None else real_only):
-        logits = (model.out(hidden) + _specials_bias(model.out.out_features, hidden.device)).flatten(0, 1)
+        logits = (model.logits(hidden) + _specials_bias(model.vocab_size, hidden.device)).flatten(0, 1)
         return F.cross_entropy(logits, tokens.flatten(), ignore_index=PAD, reduction="none").view_as(tokens)
     real = tokens != PAD
-    logits = model.out(hidden[real]) + _specials_bias(model.out.out_features, hidden.device)
+    logits = model.logits(hidden[real]) + _specials_bias(model.vocab_size, hidden.device)
     nll = F.cross_entropy(logits, tokens[real], reduction="none")
     return torch.zeros(tokens.shape, dtype=nll.dtype, device=nll.device).index_put((real,), nll)
 
@@ -126,7 +126,6 @@ class SCSTModule(CaptionModule):
         self.sampler, self.reward = sample, self.cider
         if self.hparams.compile:
             mode = compile_mode(self.hparams.compile)
-            self.model.layer_weights = self.model.rnn.all_weights  # the RNN's current Parameter objects
             # all max_len words, with no early stop (the check would wait for the device and break the graph)
             self.sampler = compiled(partial(sample, check_every=0), mode)
             self.reward = compiled(self.cider.__call__, mode)

@@ -199,7 +199,7 @@ def test_regularisers_reach_the_model_and_optimizer(cfg_factory):
     assert calls == [(1, 0.25)] * 3  # epoch 0: p = 0, the plain loss; epoch 1: p = 0.25 for its 3 steps
     ckpt = torch.load(Path(cfg.paths.run_dir) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     hp = ckpt["hyper_parameters"]
-    assert hp["dropout"] == 0.3 and hp["label_smoothing"] == 0.1
+    assert hp["model"]["dropout"] == 0.3 and hp["label_smoothing"] == 0.1
     assert CaptionModule(**hp).model.drop.p == 0.3  # the checkpoint's model has its dropout
     assert ckpt["optimizer_states"][0]["param_groups"][0]["weight_decay"] == 0.05
     assert scalars(Path(cfg.paths.run_dir), "train/ss_prob") == pytest.approx([0.0, 0.25])

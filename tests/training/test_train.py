@@ -32,7 +32,7 @@ def test_training_lowers_the_loss_and_writes_val_ppl_and_checkpoints(trained):
     assert (run_dir / "history.json").is_file() and (run_dir / "loss.png").is_file()
     ckpt = torch.load(trained["ckpt"], map_location="cpu", weights_only=False)
     hp = ckpt["hyper_parameters"]
-    assert hp["preprocess"]["encoder"] == "efficientnet_lite0" and hp["itos"][4:] and hp["rnn_type"] == "lstm"
+    assert hp["preprocess"]["encoder"] == "efficientnet_lite0" and hp["itos"][4:] and hp["model"]["rnn_type"] == "lstm"
     assert "optimizer_states" in ckpt and ckpt["global_step"] > 0
 
 
