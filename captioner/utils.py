@@ -1,6 +1,7 @@
 """Small shared helpers: the user-facing error type, atomic file writes, cache keys and cache folders."""
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -36,6 +37,18 @@ def atomic_write_text(path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def atomic_write_json(path, data, indent=1) -> None:
+    """JSON as the standard has it: a NaN or inf in `data` is an error here (write null: `finite`), not a bare
+    NaN that other JSON readers refuse."""
+    atomic_write_text(path, json.dumps(data, indent=indent, allow_nan=False))
+
+
+def finite(value):
+    """A number (or 0-d tensor) as a float, or None when NaN or infinite: JSON's null."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def atomic_copy(src, path) -> None:

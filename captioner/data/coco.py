@@ -88,6 +88,14 @@ def load_split(root, split: str) -> CaptionSplit:
     return _split(split, image_dir, ann_file, files, captions, empty)
 
 
+def image_id(value, path, entry) -> int:
+    """An image id as read from `path`: an integer that numpy's int64 (the feature caches' ids) can hold."""
+    i = int(value)
+    if i != value and str(i) != str(value).strip() or not -2**63 <= i < 2**63:
+        raise CaptionerError(f"{path} gives {entry} the image id {value}; expected an integer from -2**63 to 2**63-1.")
+    return i
+
+
 def _listing(folder: Path) -> set:
     return set(os.listdir(folder)) if folder.is_dir() else set()
 
@@ -144,14 +152,14 @@ def load_karpathy_split(split_file, image_root, split_names, find_images=True, d
             seen.add(img["split"])
             if img["split"] not in names:
                 continue
-            i = int(img["cocoid"] if "cocoid" in img else img["imgid"])
+            i = image_id(img["cocoid"] if "cocoid" in img else img["imgid"], split_file, img["filename"])
             if "cocoid" in img:
                 coco_ids.add(i)
             files[i] = f"{img['filepath']}/{img['filename']}" if img.get("filepath") else str(img["filename"])
             texts = [str(s.get("raw") or " ".join(s.get("tokens", []))).strip() for s in img["sentences"]]
             captions[i] = [t for t in texts if has_words(t)]
             empty += len(texts) - len(captions[i])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise CaptionerError(f"{split_file} has an image entry without a valid {e} field; expected 'filename', "
                              f"'imgid', 'split' and 'sentences' with 'raw' text.") from None
     if not files:
