@@ -153,6 +153,7 @@ def train(cfg: DictConfig) -> float:
 
 
 def exit_quietly(signum, frame):
+    signal.signal(signum, signal.SIG_IGN)  # the rest of a burst
     print("error: interrupted again while shutting down; stopped.", file=sys.stderr)
     os._exit(128 + signum)
 
