@@ -112,7 +112,8 @@ def test_evaluations_with_other_decoding_keep_their_own_files(trained, tmp_path)
 def test_a_burst_of_ctrl_c_ends_with_one_line(data_dir, tmp_path):
     run_dir = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "captioner.run", "experiment=smoke", "epochs=10000", "eval_every=0",
-                          f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"],
+                          f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
+                          "trainer.enable_progress_bar=false"],
                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoints" / "best.ckpt").exists() and p.poll() is None and time.monotonic() < deadline:
