@@ -18,12 +18,18 @@ from captioner.utils import CaptionerError
 DIVERGES = ("learning_rate=1e30", "optimizer=sgd", "eval_every=0")  # NaN weights after a step or two
 
 
+def refuse(constant):
+    raise AssertionError(f"the file holds {constant}, which is not JSON")
+
+
 def test_training_stops_on_the_first_non_finite_loss(cfg_factory):
     cfg = cfg_factory(*DIVERGES, "trainer.log_every_n_steps=1")
     with pytest.raises(CaptionerError, match=r"training diverged: the loss is nan at step 2; lower learning_rate, "
                                              r"set trainer.gradient_clip_val"):
         train(cfg)
     assert not list(Path(cfg.paths.run_dir).glob("**/*.ckpt"))  # no checkpoint of the NaN weights
+    history = json.loads((Path(cfg.paths.run_dir) / "history.json").read_text(), parse_constant=refuse)
+    assert history["iterations"] == [1, 2] and history["loss"][1] is None  # JSON's null, not a bare NaN
 
 
 def test_a_non_finite_validation_loss_stops_training_before_best_ckpt(cfg_factory):
@@ -87,9 +93,6 @@ def test_a_karpathy_image_id_beyond_int64_is_one_sentence(tmp_path, cocoid):
 def test_metrics_json_holds_null_for_a_nan_metric(cfg_factory):
     cfg = cfg_factory(*DIVERGES, "~callbacks.stop_on_non_finite", "epochs=1")  # without the stop: NaN to the end
     train(cfg)
-
-    def refuse(constant):
-        raise AssertionError(f"metrics.json holds {constant}, which is not JSON")
 
     metrics = json.loads((Path(cfg.paths.run_dir) / "metrics.json").read_text(), parse_constant=refuse)
     assert metrics["val/loss"] is None and metrics["steps"] == 3
