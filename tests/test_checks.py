@@ -11,6 +11,7 @@ from captioner.utils import CaptionerError
     ("weight_decay=inf", "weight_decay=inf must be a finite number >= 0"),
     ("length_penalty=-inf", "length_penalty=-inf must be a finite number"),
     ("max_len=1000000000", "max_len=1000000000 must be an integer from 1 to 1000"),
+    ("scst.max_len=1000000000", "scst.max_len=1000000000 must be an integer from 1 to 1000"),
     # Lightning divides by these (a ZeroDivisionError in every process) or ignores a negative clip
     ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 must be a positive integer"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0 must be a positive integer or null"),

@@ -1,7 +1,7 @@
 """Checking the training keys of `captioner.run` (and the data keys `captioner.extract` shares) before any work:
 the top-level hyperparameters, best.ckpt's metric, the data and encoder numbers, and the recipe keys."""
-from captioner.checks import (SEED_MAX, SET_BY, boolean, decoding, existing_file, get_key, integer, is_int, is_number,
-                              number, text, writable_dir)
+from captioner.checks import (MAX_LEN, SEED_MAX, SET_BY, boolean, decoding, existing_file, get_key, integer, is_int,
+                              is_number, number, text, writable_dir)
 from captioner.utils import CaptionerError
 
 MIN_IMAGE_SIZE = 32  # the encoders (ResNet, EfficientNet) shrink their input 32 times
@@ -111,7 +111,7 @@ def check_recipes(cfg):
     for key, low in (("step_size", 1), ("warmup_steps", 0), ("patience", 0)):
         if key in cfg.scheduler:
             integer(cfg, f"scheduler.{key}", low)
-    integer(cfg, "scst.max_len", 1)
+    integer(cfg, "scst.max_len", 1, MAX_LEN)
     if cfg.objective not in ("xe", "scst"):
         raise CaptionerError(f"objective={cfg.objective} is not one of xe, scst.")
     if cfg.scst.baseline not in ("mean", "greedy"):
