@@ -88,7 +88,21 @@ def load_checkpoint(path, map_location="cpu", key="ckpt_path") -> dict:
     if not isinstance(hp, dict) or "itos" not in hp or "preprocess" not in hp or "state_dict" not in ckpt:
         raise CaptionerError(f"{shown} is a PyTorch file but not a captioner checkpoint (no vocabulary, "
                              f"preprocessing or weights in it); {EXPECTED}.")
+    for name, tensor in ckpt["state_dict"].items():  # NaN weights caption "green green green ..." without a word
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CaptionerError(f"{shown} holds non-finite weights (NaN or inf in {name}): the training that wrote "
+                                 f"it diverged; use an earlier checkpoint.")
     return ckpt
+
+
+def check_shapes(shown, saved: dict, module) -> None:
+    """load_state_dict reports every mismatch in a page of text: name the first tensor and both shapes."""
+    wanted = module.state_dict()
+    for name, tensor in saved.items():
+        if name in wanted and tuple(tensor.shape) != tuple(wanted[name].shape):
+            raise CaptionerError(f"{shown} has {name} of shape {list(tensor.shape)}, but this model's is "
+                                 f"{list(wanted[name].shape)}; use the hidden_size, num_layers, rnn_type, embeddings "
+                                 f"and vocabulary it was trained with.")
 
 
 ARCHITECTURE = ("model", "rnn_type", "hidden_size", "num_layers", "feature_dim", "blind")
@@ -114,6 +128,7 @@ def init_weights(module, path, itos, feature_dim) -> None:
     if hp["itos"] != list(itos) or hp["feature_dim"] != feature_dim:
         raise CaptionerError(f"init_from={path} was trained with another vocabulary or encoder; use the data, "
                              f"encoder and vocab_size it was trained with.")
+    check_shapes(f"init_from={path}", ckpt["state_dict"], module)
     try:
         module.load_state_dict(ckpt["state_dict"])
     except RuntimeError:

@@ -3,6 +3,7 @@
 Values come from Hydra overrides, so `beam_size=abc` arrives as the string "abc" and `learning_rate=1e-3` as a
 float; booleans are never accepted where numbers are expected (`True` is an int in Python).
 """
+import math
 import uuid
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from captioner.checkpoint import check_device
 from captioner.utils import CaptionerError
 
 SEED_MAX = 2**32 - 1  # numpy's and Lightning's seeds are unsigned 32-bit
+MAX_LEN = 1000  # words per caption: decoding allocates max_len steps up front (1e9 asked for 24 GB)
 SET_BY = {"max_epochs": "epochs", "max_steps": "iterations"}  # Trainer arguments with a top-level key
 
 
@@ -18,7 +20,8 @@ def is_int(value) -> bool:
 
 
 def is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value  # not NaN
+    """A finite int or float: NaN and inf pass every comparison a range check makes, or fail it silently."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def get_key(cfg, key):
@@ -41,11 +44,13 @@ def integer(cfg, key, low=None, high=None, nullable=False):
 
 
 def number(cfg, key, positive=False, low=None, nullable=False):
-    value = cfg[key]
+    value = get_key(cfg, key)
     if value is None and nullable:
         return
     if not is_number(value) or (positive and not value > 0) or (low is not None and value < low):
         where = "a positive number" if positive else "a number" if low is None else f"a number >= {low}"
+        if isinstance(value, float) and not math.isfinite(value):  # inf, NaN
+            where = f"a finite {where[2:]}"
         raise CaptionerError(f"{key}={value} must be {where}{' or null' if nullable else ''}.")
 
 
@@ -96,7 +101,7 @@ def device(cfg, key="device"):
 def decoding(cfg, max_beam_size=None):
     """beam_size, n_best, max_len, length_penalty, temperature, top_k, seed: what caption/evaluate/serve share."""
     integer(cfg, "beam_size", 1, max_beam_size)
-    integer(cfg, "max_len", 1)
+    integer(cfg, "max_len", 1, MAX_LEN)
     if "length_penalty" in cfg:
         number(cfg, "length_penalty")
     if "temperature" in cfg:

@@ -23,7 +23,7 @@ from captioner import checks
 from captioner.cli import compose_config, one_line_errors, show_help
 from captioner.data.coco import CaptionSplit, load_splits
 from captioner.models.decoding import decode_options
-from captioner.utils import CaptionerError, atomic_write_text
+from captioner.utils import CaptionerError, atomic_write_json, atomic_write_text, finite
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +141,22 @@ def evaluate_checkpoint(cfg, checkpoint=None):
     else:
         results, metrics = evaluate_split(captioner, split, cfg.max_images, cfg.batch_size, cfg.spice, **decode)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(captioner.ckpt_path)
-    stem = f"{cfg.data.name}-{split.name}-{captioner.ckpt_path.stem}"  # one file per dataset, split, checkpoint
+    # one file per dataset, split, checkpoint and decoding: a beam-1 run must not overwrite a beam-2 run's results
+    stem = f"{cfg.data.name}-{split.name}-{captioner.ckpt_path.stem}-{decode_tag(decode)}"
     results_file = out_dir / f"{stem}-results.json"
     atomic_write_text(results_file, json.dumps(results, indent=0))
     report = {"checkpoint": str(captioner.ckpt_path), "split": split.name, "annotations": str(split.annotation_file),
               "results": str(results_file), "images": len(results), "decode": decode, "seconds": seconds}
     return metrics, report, cfg.output or out_dir / f"{stem}-metrics.json"
+
+
+def decode_tag(decode: dict) -> str:
+    """The decoding options that change the captions, for file names: beam3-len20, sample-t0.7-k0-seed0-len20."""
+    if decode.get("temperature") is not None:
+        tag = f"sample-t{decode['temperature']:g}-k{decode['top_k']}-seed{decode['seed']}"
+    else:
+        tag = f"beam{decode['beam_size']}" + (f"-lp{decode['length_penalty']:g}" if decode["length_penalty"] else "")
+    return f"{tag}-len{decode['max_len']}"
 
 
 def default_output_dir(ckpt_path: Path) -> Path:
@@ -212,7 +222,8 @@ def main(argv=None):
     for name, value in metrics.items():
         print(f"{name}\t{value:.4f}" if isinstance(value, float) else f"{name}\t{value}")
     if output:
-        atomic_write_text(output, json.dumps({**report, "metrics": metrics}, indent=1))
+        atomic_write_json(output, {**report, "metrics": {k: finite(v) if isinstance(v, float) else v
+                                                         for k, v in metrics.items()}})
         print(f"Wrote metrics to {output}", file=sys.stderr)
 
 

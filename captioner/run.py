@@ -1,7 +1,8 @@
 """Training entry point: `python -m captioner.run [key=value ...]` (Hydra; add -m for a multirun sweep)."""
-import json
 import logging
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from captioner import checks
 from captioner.training import checks as training_checks
-from captioner.checkpoint import check_same_architecture, init_weights, load_checkpoint, resolve_checkpoint
+from captioner.checkpoint import (check_same_architecture, check_shapes, init_weights, load_checkpoint,
+                                  resolve_checkpoint)
 from captioner.cli import compose_config, one_line, one_line_errors
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.embeddings import load_vectors
@@ -26,7 +28,7 @@ from captioner.models import check_model, model_entry
 from captioner.training.module import CaptionModule
 from captioner.training.prepare import prepare, word_vectors
 from captioner.training.scst import SCSTModule
-from captioner.utils import METRICS_FILE, CaptionerError, atomic_write_text
+from captioner.utils import METRICS_FILE, CaptionerError, atomic_write_json, finite
 
 log = logging.getLogger("captioner")
 # torch.compile's modes, and graphs: the loss's forward and backward as CUDA graphs (captioner.training.graphs)
@@ -118,6 +120,7 @@ def train(cfg: DictConfig) -> float:
         if saved["itos"] != vocab.itos or saved["feature_dim"] != prepared.feature_dim:
             raise CaptionerError(f"ckpt_path={cfg.ckpt_path} was trained with another vocabulary or encoder; "
                                  f"resume with the data, encoder and vocab_size it was trained with.")
+        check_shapes(f"ckpt_path={cfg.ckpt_path}", resume["state_dict"], module)
     elif cfg.init_from:  # resuming restores everything itself
         init_weights(module, cfg.init_from, vocab.itos, prepared.feature_dim)
         log.info("Initialised the weights from %s.", cfg.init_from)
@@ -130,16 +133,27 @@ def train(cfg: DictConfig) -> float:
                              f"{trainer.num_devices * trainer.num_nodes}; use compile=false with DDP.")
     if logger:
         logger.log_hyperparams({k: v for k, v in module.hparams.config.items() if not isinstance(v, dict)})
-    trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)  # checked safe above
+    try:
+        trainer.fit(module, datamodule=dm, ckpt_path=cfg.ckpt_path, weights_only=True)  # checked safe above
+    except SystemExit:  # Lightning's exit after Ctrl-C, which restores Python's Ctrl-C handler: one more while the
+        signal.signal(signal.SIGINT, exit_quietly)  # process winds down would print an atexit traceback
+        raise
     if not trainer.fast_dev_run:  # also when training stopped between validations; weights_only=False: resumable
         trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)
-    final = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    final = {k: finite(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     final.update(steps=trainer.global_step, checkpoint=str(ckpt_dir / "last.ckpt"))
     if trainer.is_global_zero:  # one report per run, not one per process
-        atomic_write_text(run_dir / METRICS_FILE, json.dumps(final, indent=1))
+        atomic_write_json(run_dir / METRICS_FILE, final)
         log.info("Finished: %d steps, val/ppl %s, run dir %s", trainer.global_step,
-                 f"{final['val/ppl']:.3f}" if "val/ppl" in final else "n/a", run_dir)
-    return final.get(cfg.get("optimized_metric") or "val/ppl", float("nan"))
+                 f"{final['val/ppl']:.3f}" if final.get("val/ppl") is not None else "n/a", run_dir)
+    result = final.get(cfg.get("optimized_metric") or "val/ppl")
+    return float("nan") if result is None else result
+
+
+def exit_quietly(signum, frame):
+    signal.signal(signum, signal.SIG_IGN)  # the rest of a burst
+    print("error: interrupted again while shutting down; stopped.", file=sys.stderr)
+    os._exit(128 + signum)
 
 
 @one_line_errors

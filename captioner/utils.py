@@ -3,6 +3,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import uuid
@@ -74,6 +75,18 @@ def _atomic(path, write) -> None:
 
 def atomic_write_text(path, text: str) -> None:
     _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path, data, indent=1) -> None:
+    """JSON as the standard has it: a NaN or inf in `data` is an error here (write null: `finite`), not a bare
+    NaN that other JSON readers refuse."""
+    atomic_write_text(path, json.dumps(data, indent=indent, allow_nan=False))
+
+
+def finite(value):
+    """A number (or 0-d tensor) as a float, or None when NaN or infinite: JSON's null."""
+    value = float(value)
+    return value if math.isfinite(value) else None
 
 
 def atomic_copy(src, path) -> None:

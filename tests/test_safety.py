@@ -143,7 +143,7 @@ def test_resuming_with_another_architecture_is_one_sentence(cfg_factory, trained
     ("scheduler=cosine scheduler.warmup_start_factor=0",
      r"scheduler.warmup_start_factor=0 must be a number in \(0, 1\]"),
     ("scheduler=cosine scheduler.warmup_steps=-1", "scheduler.warmup_steps=-1 must be an integer >= 0"),
-    ("scst.max_len=0", "scst.max_len=0 must be a positive integer"),
+    ("scst.max_len=0", "scst.max_len=0 must be an integer from 1 to 1000"),
     ("embeddings=learned embeddings.dim=0", "embeddings.dim=0 must be a positive integer"),
     ("checkpoint_monitor=val/cider", "checkpoint_monitor=val/cider is not one of val/loss, val/ppl, val/Bleu_1"),
     ("checkpoint_monitor=val/SPICE", "checkpoint_monitor=val/SPICE is not one of"),

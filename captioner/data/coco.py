@@ -56,7 +56,7 @@ def field(entry, key, convert, file, expected):
     """entry[key] through `convert`, or one sentence naming the file, the key and the entry."""
     try:
         return convert(entry[key])
-    except (KeyError, IndexError, TypeError, ValueError, AttributeError):
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError):
         raise CaptionerError(f"{file} has an entry without a valid '{key}' field ({entry!r:.80}); "
                              f"expected {expected}.") from None
 
@@ -111,7 +111,8 @@ def load_split(root, split: str) -> CaptionSplit:
     expected = "images with 'id' and 'file_name', annotations with 'image_id' and 'caption'"
     files, captions, empty = {}, {}, 0
     for img in data["images"]:
-        i = field(img, "id", int, ann_file, expected)
+        i = field(img, "id", lambda v: image_id(v, ann_file, f"image {img.get('file_name')!r:.60}"), ann_file,
+                  expected)
         name = field(img, "file_name", _string, ann_file, expected)
         if i in files:  # COCO lists each image once: a second entry would silently replace the first
             raise CaptionerError(f"{ann_file} lists image id {i} twice ({files[i]} and {name}); expected each "
@@ -121,13 +122,22 @@ def load_split(root, split: str) -> CaptionSplit:
     for i in escaping:
         del files[i]
     for ann in data["annotations"]:
-        i = field(ann, "image_id", int, ann_file, expected)
+        i = field(ann, "image_id", lambda v: image_id(v, ann_file, f"caption {ann.get('id')!r:.30}"), ann_file,
+                  expected)
         text = field(ann, "caption", caption_text, ann_file, expected)
         if not has_words(text):
             empty += 1
             continue
         captions.setdefault(i, []).append(text)
     return _split(split, image_dir, ann_file, files, captions, empty, escaping)
+
+
+def image_id(value, path, entry) -> int:
+    """An image id as read from `path`: an integer that numpy's int64 (the feature caches' ids) can hold."""
+    i = int(value)
+    if i != value and str(i) != str(value).strip() or not -2**63 <= i < 2**63:
+        raise CaptionerError(f"{path} gives {entry} the image id {value}; expected an integer from -2**63 to 2**63-1.")
+    return i
 
 
 def _listing(folder: Path) -> set:
@@ -184,10 +194,11 @@ def load_karpathy_split(split_file, image_root, split_names, find_images=True, d
     files, captions, empty, seen, coco_ids, escaping, listed = {}, {}, 0, set(), set(), set(), {}
     for img in data["images"]:
         split = field(img, "split", str, split_file, fields)
-        i = field(img, "cocoid" if "cocoid" in img else "imgid", int, split_file, fields)
         file = field(img, "filename", _string, split_file, fields)
         if img.get("filepath"):
             file = f"{field(img, 'filepath', _string, split_file, fields)}/{file}"
+        i = field(img, "cocoid" if "cocoid" in img else "imgid", lambda v: image_id(v, split_file, file), split_file,
+                  fields)
         if i in listed:  # Karpathy's files list each image once, in one split: a second entry would replace it
             raise CaptionerError(f"{split_file} lists image id {i} twice ({listed[i]} and {file}); expected each "
                                  f"image once, in one split.")

@@ -29,6 +29,10 @@ class Captioner:
         self.hparams = ckpt["hyper_parameters"]
         self.vocab = Vocabulary(self.hparams["itos"])
         pre = self.preprocess = dict(self.hparams["preprocess"])
+        missing = [k for k in ("encoder", "weights", "image_size", "mean", "std") if k not in pre]
+        if missing:  # a KeyError otherwise
+            raise CaptionerError(f"{self.ckpt_path} has no preprocess.{missing[0]} (the encoder settings it was "
+                                 f"trained with); it is damaged or not written by captioner.run.")
         weights = None if pre["weights"] == "default" else pre["weights"]
         self.encoder = build_encoder(OmegaConf.create({"name": pre["encoder"], "weights": weights})).to(self.device)
         self.transform = preprocessing(pre["image_size"], pre["mean"], pre["std"], pre.get("interpolation", "bilinear"))

@@ -1,8 +1,10 @@
 """Checking the training keys of `captioner.run` (and the data keys `captioner.extract` shares) before any work:
 the top-level hyperparameters, best.ckpt's metric, the data and encoder numbers, and the recipe keys."""
-from captioner.checks import (SEED_MAX, SET_BY, boolean, decoding, existing_file, get_key, integer, is_number, number,
-                              text, writable_dir)
+from captioner.checks import (MAX_LEN, SEED_MAX, SET_BY, boolean, decoding, existing_file, get_key, integer, is_int,
+                              is_number, number, text, writable_dir)
 from captioner.utils import CaptionerError
+
+MIN_IMAGE_SIZE = 32  # the encoders (ResNet, EfficientNet) shrink their input 32 times
 
 
 def check_run(cfg):
@@ -28,6 +30,7 @@ def check_run(cfg):
         text(cfg, "ckpt_path", nullable=True)
     for key in ("data_dir", "cache_dir", "run_dir"):  # a read-only cache is one sentence, not a PermissionError
         writable_dir(cfg.paths[key], f"paths.{key}")
+    check_trainer(cfg)
     check_data(cfg)
     if "dim" in (get_key(cfg, "embeddings") or {}):  # learned vectors' size (pretrained ones bring theirs)
         integer(cfg, "embeddings.dim", 1)
@@ -57,14 +60,29 @@ def checkpoint_monitor(cfg):
                              "pick val/CIDEr or install java.")
 
 
+def check_trainer(cfg):
+    """The Trainer's numbers that Lightning divides by (a ZeroDivisionError per process) or ignores when negative."""
+    trainer = get_key(cfg, "trainer") or {}
+    if "log_every_n_steps" in trainer:
+        integer(cfg, "trainer.log_every_n_steps", 1)
+    if "check_val_every_n_epoch" in trainer:
+        integer(cfg, "trainer.check_val_every_n_epoch", 1, nullable=True)
+    interval = trainer.get("val_check_interval")
+    if interval is not None and not (is_int(interval) and interval >= 1 or is_number(interval) and 0 < interval <= 1):
+        raise CaptionerError(f"trainer.val_check_interval={interval} must be null, a positive integer (steps) or a "
+                             f"fraction of an epoch in (0, 1].")
+    if "gradient_clip_val" in trainer:
+        number(cfg, "trainer.gradient_clip_val", low=0, nullable=True)
+
+
 def check_data(cfg):
     """The data and encoder groups' numbers, which extraction and loading would otherwise reject deep inside
     (a generated dataset would even be rebuilt, empty, before that)."""
-    integer(cfg, "data.image_size", 1, nullable=True)
+    integer(cfg, "data.image_size", MIN_IMAGE_SIZE, nullable=True)
     if "max_words" in cfg.data:  # a data config of its own may lack it: prepare() then uses vocab.MAX_WORDS
         integer(cfg, "data.max_words", 1)
-    for key in ("encoder.image_size", "encoder.batch_size"):
-        integer(cfg, key, 1)
+    integer(cfg, "encoder.image_size", MIN_IMAGE_SIZE)
+    integer(cfg, "encoder.batch_size", 1)
     for key in ("data.num_workers", "encoder.num_workers"):
         integer(cfg, key, 0)
     for split in get_key(cfg, "data.generate") or {}:
@@ -95,7 +113,7 @@ def check_recipes(cfg):
     for key, low in (("step_size", 1), ("warmup_steps", 0), ("patience", 0)):
         if key in cfg.scheduler:
             integer(cfg, f"scheduler.{key}", low)
-    integer(cfg, "scst.max_len", 1)
+    integer(cfg, "scst.max_len", 1, MAX_LEN)
     if cfg.objective not in ("xe", "scst"):
         raise CaptionerError(f"objective={cfg.objective} is not one of xe, scst.")
     if cfg.scst.baseline not in ("mean", "greedy"):

@@ -1,14 +1,13 @@
 """The training history: the train loss every `log_every_n_steps` steps and the validation loss at every
 validation, kept in the checkpoint (so a resumed run continues it), written to history.json every `write_every`
 minutes and at the end, and plotted as loss.png (also when the run is interrupted)."""
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 from pytorch_lightning.callbacks import Callback
 
-from captioner.utils import atomic_write_text
+from captioner.utils import atomic_write_json, finite
 
 
 def empty_history() -> dict:
@@ -38,7 +37,7 @@ class History(Callback):
         step, h = trainer.global_step, self.history
         if "train/loss" in trainer.callback_metrics and (not h["iterations"] or h["iterations"][-1] != step):
             h["iterations"].append(step)
-            h["loss"].append(float(trainer.callback_metrics["train/loss"]))
+            h["loss"].append(finite(trainer.callback_metrics["train/loss"]))  # NaN: null, as JSON has it
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.sanity_checking or "val/loss" not in trainer.callback_metrics:
@@ -46,7 +45,7 @@ class History(Callback):
         step = trainer.global_step
         if not self.history["val_iterations"] or self.history["val_iterations"][-1] != step:
             self.history["val_iterations"].append(step)
-            self.history["val_loss"].append(float(trainer.callback_metrics["val/loss"]))
+            self.history["val_loss"].append(finite(trainer.callback_metrics["val/loss"]))
 
     def on_train_end(self, trainer, pl_module):
         self.finish(trainer)
@@ -63,7 +62,7 @@ class History(Callback):
     def write(self, trainer):
         self.last = time.monotonic()
         if trainer.is_global_zero:
-            atomic_write_text(self.path, json.dumps(self.history))
+            atomic_write_json(self.path, self.history, indent=None)
 
     def plot(self, train_loss="cross-entropy"):
         """Loss and perplexity, train and val, log scale (the seed notebook's plots), as loss.png. A training loss
@@ -85,7 +84,7 @@ class History(Callback):
             ax.set_yscale("log")
             ax.set_title(title)
         if not ce:
-            axes[2].plot(h["iterations"], h["loss"], label=f"train {train_loss}")
+            axes[2].plot(h["iterations"], np.array(h["loss"], dtype=float), label=f"train {train_loss}")
             axes[2].set_title(train_loss)
         for ax in axes:
             ax.set_xlabel("optimizer steps")

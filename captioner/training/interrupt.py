@@ -4,14 +4,15 @@ Lightning turns SIGINT into KeyboardInterrupt and SIGTERM into SIGTERMException 
 callback's `on_exception` before it exits; there this saves a resumable checkpoint of the current step (the
 History callback writes history.json and loss.png in its own `on_exception`) and the metrics so far.
 """
-import json
 import logging
+import os
 from pathlib import Path
 
 from pytorch_lightning.callbacks import Callback
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from captioner.utils import METRICS_FILE, atomic_write_text
+from captioner.training.guards import NonFiniteError
+from captioner.utils import METRICS_FILE, atomic_write_json, finite
 
 log = logging.getLogger("captioner")
 
@@ -26,14 +27,17 @@ class SaveOnInterrupt(Callback):
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, SIGTERMException) and exception.code is None:
             exception.code = 128 + 15  # Lightning re-raises this SystemExit: exit as killed by SIGTERM, not as done
-        if trainer.global_step == 0 or trainer.fast_dev_run:
-            return  # nothing trained yet: keep whatever checkpoint is there
-        # weights_only=False: optimizer state, loops and callbacks too, so `ckpt_path=` resumes from this step
-        trainer.save_checkpoint(self.ckpt_path, weights_only=False)
+        if trainer.global_step == 0 or trainer.fast_dev_run or isinstance(exception, NonFiniteError):
+            return  # nothing trained yet, or diverged weights: keep whatever checkpoint is there
+        # weights_only=False: optimizer state, loops and callbacks too, so `ckpt_path=` resumes from this step.
+        # A temporary name, then a rename: a save cut short (a kill) leaves the previous last.ckpt whole
+        tmp = self.ckpt_path.with_name(f".{self.ckpt_path.name}.tmp")
+        trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
-            metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            os.replace(tmp, self.ckpt_path)
+            metrics = {k: finite(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             metrics.update(steps=trainer.global_step, checkpoint=str(self.ckpt_path),
                            interrupted=type(exception).__name__)
-            atomic_write_text(self.metrics_path, json.dumps(metrics, indent=1))
+            atomic_write_json(self.metrics_path, metrics)
             log.warning("Interrupted (%s) at step %d: saved %s; resume with ckpt_path=%s", type(exception).__name__,
                         trainer.global_step, self.ckpt_path, self.ckpt_path)

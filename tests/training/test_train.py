@@ -127,7 +127,7 @@ def test_a_run_validates_at_its_last_step(cfg_factory, length, validated_at):
     ("hidden_size=0", "hidden_size=0 must be a positive integer"),
     ("ckpt_path=/nonexistent.ckpt", "ckpt_path=/nonexistent.ckpt does not exist"),
     ("init_from=/nonexistent.ckpt", "init_from=/nonexistent.ckpt does not exist"),
-    ("data.image_size=abc", "data.image_size=abc must be a positive integer or null"),
+    ("data.image_size=abc", "data.image_size=abc must be an integer >= 32 or null"),
     ("data.num_workers=-3", "data.num_workers=-3 must be an integer >= 0"),
     ("encoder.batch_size=abc", "encoder.batch_size=abc must be a positive integer"),
     ("data.generate.train2017=-5", "data.generate.train2017=-5 must be a positive integer"),
