@@ -111,7 +111,7 @@ class Batcher:
             return [self._run([item])[0] for item in batch]  # so one bad request does not fail its neighbours
 
     def _caption(self, images, options):
-        features = self.captioner.features.extraction(images)
+        features = self.captioner.features(images)
         self.batches += 1
         self.images += len(images)
         groups = defaultdict(list)

@@ -61,7 +61,7 @@ def test_same_caption_as_direct_decoding_and_sampling_is_seedable(trained, image
     # greedy decoding by hand, one model step at a time, from the image's encoder features
     model, state, word, words = captioner.models.show_and_tell, None, START, []
     with torch.no_grad():
-        state = model.initial_state(captioner.features.extraction([im]))
+        state = model.initial_state(captioner.features([im]))
         for _ in range(20):
             logits, state = model.step(torch.tensor([word]), state)
             logits[:, [PAD, START]] = float("-inf")
