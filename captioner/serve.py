@@ -27,7 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from captioner import checks
 from captioner.cli import compose_config, one_line_errors, show_help
 from captioner.models.decoding import decode_options
-from captioner.serving.admission import Admission
+from captioner.serving.admission import Admission, HeaderTimeout
 from captioner.serving.inference import Captioner
 from captioner.serving.uploads import MULTIPART_SLACK, BodyLimit, decode_image
 
@@ -200,10 +200,16 @@ def create_app(captioner: Captioner, cfg) -> FastAPI:
     return app
 
 
-@one_line_errors
-def main(argv=None):
+def uvicorn_config(app, cfg, **settings):
+    """The uvicorn settings the server runs with; `settings` add to them (tests: log_level)."""
     import uvicorn
 
+    return uvicorn.Config(app, host=cfg.host, port=cfg.port, access_log=cfg.access_log,
+                          timeout_keep_alive=cfg.keep_alive_s, http=HeaderTimeout, **settings)
+
+
+@one_line_errors
+def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if show_help(argv, __doc__, "serve"):
         return
@@ -211,8 +217,7 @@ def main(argv=None):
     checks.check_serve(cfg)
     captioner = Captioner(cfg.ckpt_path, cfg.device)
     logging.getLogger(__name__).info("Serving %s on http://%s:%d", captioner.ckpt_path, cfg.host, cfg.port)
-    uvicorn.run(create_app(captioner, cfg), host=cfg.host, port=cfg.port, access_log=cfg.access_log,
-                timeout_keep_alive=cfg.keep_alive_s)
+    uvicorn.Server(uvicorn_config(create_app(captioner, cfg), cfg)).run()
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import time
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from captioner.serving.uploads import BodyLimit
 
@@ -48,3 +49,28 @@ class Admission:
         headers = {"Retry-After": "1"} | ({} if drained else {"Connection": "close"})
         detail = f"the server is busy ({self.limit} uploads in progress); retry shortly"
         await JSONResponse({"detail": detail}, 503, headers=headers)(scope, receive, send)
+
+
+class HeaderTimeout(H11Protocol):
+    """uvicorn's h11 protocol, where a request's headers must arrive within `timeout_keep_alive` seconds of the
+    connection or of the previous answer. uvicorn's own timer starts only after an answer and stops at any byte,
+    so a connection never used, or one trickling its headers, stayed open forever."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.deadline = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def data_received(self, data):
+        super().data_received(data)
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.deadline.cancel()  # the headers are in; the body has upload_timeout_s
+
+    def on_response_complete(self):
+        super().on_response_complete()
+        self.deadline.cancel()
+        if self.cycle.response_complete and not self.transport.is_closing():  # no pipelined request started
+            self.deadline = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+    def connection_lost(self, exc):
+        self.deadline.cancel()
+        super().connection_lost(exc)
