@@ -210,6 +210,8 @@ def uvicorn_config(app, cfg, **settings):
 
 @one_line_errors
 def main(argv=None):
+    import uvicorn
+
     argv = sys.argv[1:] if argv is None else argv
     if show_help(argv, __doc__, "serve"):
         return
