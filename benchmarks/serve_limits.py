@@ -2,8 +2,9 @@
 
     python benchmarks/serve_limits.py                     # ckpt `last` (trains a smoke model if none), defaults
     python benchmarks/serve_limits.py --uploads 250 --upload-mib 9
+    python benchmarks/serve_limits.py --uploads 24 --rgba-side 6000   # many pixels: the decode's share
 
-1. `--uploads` concurrent PNG uploads of about `--upload-mib` MiB each: the server's peak memory (VmHWM from
+1. `--uploads` concurrent PNG uploads of about `--upload-mib` MiB each (or of `--rgba-side` RGBA PNGs): the server's peak memory (VmHWM from
    /proc/<pid>/status) before and after, and how many got 200 and 503 (with Retry-After).
 2. Two hostile progressive JPEGs (6000 x 6000, last scan repeated 1,500 times, ~400 KB) and, 1.5 s later, a normal
    image: each one's status and seconds.
@@ -59,6 +60,14 @@ def noise_png(mib) -> bytes:
     return buffer.getvalue()
 
 
+def rgba_png(side) -> bytes:
+    """A side x side RGBA PNG of noise stretched 50 times across (a few MB): many pixels for few bytes."""
+    noise = np.random.default_rng(0).integers(0, 255, (side, side // 50, 4), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.repeat(noise, 50, axis=1), "RGBA").save(buffer, "PNG", compress_level=1)
+    return buffer.getvalue()
+
+
 def hostile_jpeg(side=6000, repeats=1500) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", (side, side), (120, 90, 60)).save(buffer, "JPEG", progressive=True)
@@ -95,6 +104,7 @@ def main():
     parser.add_argument("--ckpt", default="last", help="checkpoint file, or `last` (trains a smoke model if none)")
     parser.add_argument("--uploads", type=int, default=250)
     parser.add_argument("--upload-mib", type=float, default=9)
+    parser.add_argument("--rgba-side", type=int, help="upload side x side RGBA PNGs instead (e.g. 6000: 36 MP)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,7 +118,8 @@ def main():
                 httpx.post(url, files={"file": ("w.png", normal)}, timeout=120).raise_for_status()
             idle = memory_mb(server.pid, "VmHWM")
             start = time.perf_counter()
-            answers = asyncio.run(flood(url, noise_png(args.upload_mib), args.uploads))
+            answers = asyncio.run(flood(url, rgba_png(args.rgba_side) if args.rgba_side
+                                       else noise_png(args.upload_mib), args.uploads))
             flood_s = time.perf_counter() - start
             peak = memory_mb(server.pid, "VmHWM")
             (bad1, _, t1), (bad2, _, t2), (ok, _, t_ok) = asyncio.run(hostile(url, normal))
@@ -118,7 +129,7 @@ def main():
 
     statuses = [status for status, _, _ in answers]
     result = {
-        "uploads": args.uploads, "upload_mib": args.upload_mib, "vmhwm_idle_mb": round(idle),
+        "uploads": args.uploads, "upload_mib": args.upload_mib, "rgba_side": args.rgba_side, "vmhwm_idle_mb": round(idle),
         "vmhwm_peak_mb": round(peak), "ok_200": statuses.count(200), "busy_503": statuses.count(503),
         "busy_with_retry_after": sum(s == 503 and ra == "1" for s, ra, _ in answers),
         "other": sorted({str(s) for s in statuses} - {"200", "503"}), "flood_s": round(flood_s, 1),
