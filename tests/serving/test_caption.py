@@ -59,7 +59,7 @@ def test_same_caption_as_direct_decoding_and_sampling_is_seedable(trained, image
     im = Image.open(images / "a.png")
     assert captioner.caption([im], beam_size=1) == captioner.caption([im, im], beam_size=1)[:1]
     # greedy decoding by hand, one model step at a time, from the image's encoder features
-    model, state, word, words = captioner.models.show_and_tell, None, START, []
+    model, state, word, words = captioner.model, None, START, []
     with torch.no_grad():
         state = model.initial_state(captioner.features([im]))
         for _ in range(20):
@@ -68,7 +68,7 @@ def test_same_caption_as_direct_decoding_and_sampling_is_seedable(trained, image
             word = int(logits.argmax())
             if word == END:
                 break
-            words.append(captioner.data.vocab.itos[word])
+            words.append(captioner.vocab.itos[word])
     assert captioner.caption([im], beam_size=1)[0][0][0] == " ".join(words)
     a = captioner.caption([im], temperature=1.0, top_k=5, seed=3)
     assert a == captioner.caption([im], temperature=1.0, top_k=5, seed=3)

@@ -203,7 +203,7 @@ def test_concurrent_requests_share_forward_passes(serve, captioner, images):
 
 
 def test_a_failing_request_fails_alone_and_the_server_goes_on(serve, captioner, images, monkeypatch):
-    features = captioner.features.extraction
+    features = captioner.features
 
     def fragile(batch):  # inference that breaks on one particular image size
         if any(im.size == (13, 13) for im in batch):
