@@ -4,8 +4,9 @@
     python benchmarks/serve_limits.py --uploads 250 --upload-mib 9
     python benchmarks/serve_limits.py --uploads 24 --rgba-side 6000   # many pixels: the decode's share
 
-1. `--uploads` concurrent PNG uploads of about `--upload-mib` MiB each (or of `--rgba-side` RGBA PNGs): the server's peak memory (VmHWM from
-   /proc/<pid>/status) before and after, and how many got 200 and 503 (with Retry-After).
+1. `--uploads` concurrent PNG uploads of about `--upload-mib` MiB each (or of `--rgba-side` RGBA PNGs): the
+   server's peak memory (VmHWM from /proc/<pid>/status) before and after, and how many got 200 and 503 (with
+   Retry-After).
 2. Two hostile progressive JPEGs (6000 x 6000, last scan repeated 1,500 times, ~400 KB) and, 1.5 s later, a normal
    image: each one's status and seconds.
 Last line: one JSON object with those figures.
@@ -129,7 +130,8 @@ def main():
 
     statuses = [status for status, _, _ in answers]
     result = {
-        "uploads": args.uploads, "upload_mib": args.upload_mib, "rgba_side": args.rgba_side, "vmhwm_idle_mb": round(idle),
+        "uploads": args.uploads, "upload_mib": args.upload_mib, "rgba_side": args.rgba_side,
+        "vmhwm_idle_mb": round(idle),
         "vmhwm_peak_mb": round(peak), "ok_200": statuses.count(200), "busy_503": statuses.count(503),
         "busy_with_retry_after": sum(s == 503 and ra == "1" for s, ra, _ in answers),
         "other": sorted({str(s) for s in statuses} - {"200", "503"}), "flood_s": round(flood_s, 1),
