@@ -182,4 +182,6 @@ def check_serve(cfg):
     integer(cfg, "max_batch", 1)
     integer(cfg, "max_queue", 1)
     integer(cfg, "max_decoding", 1)
+    number(cfg, "upload_timeout_s", positive=True)
+    integer(cfg, "keep_alive_s", 1)
     boolean(cfg, "access_log")

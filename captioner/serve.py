@@ -7,7 +7,8 @@ GET /health says whether the model is ready; /docs is FastAPI's OpenAPI page. Ov
 Requests arriving within `batch_window_ms` of each other share one encoder forward pass; inference runs in one
 worker thread so the event loop keeps accepting (and rejecting) requests meanwhile. Memory stays bounded: at most
 `max_decoding` uploads are decoded at once, images are refused from their header when too large (see
-captioner/serving/uploads.py), and when `max_queue` images already wait, a request gets 503 with Retry-After.
+captioner/serving/uploads.py), and past `max_queue` + `max_decoding` uploads in flight a request gets 503 with
+Retry-After before its body is read (captioner/serving/admission.py).
 """
 import asyncio
 import contextlib
@@ -26,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from captioner import checks
 from captioner.cli import compose_config, one_line_errors, show_help
 from captioner.models.decoding import decode_options
+from captioner.serving.admission import Admission, HeaderTimeout
 from captioner.serving.inference import Captioner
 from captioner.serving.uploads import MULTIPART_SLACK, BodyLimit, decode_image
 
@@ -146,6 +148,8 @@ def create_app(captioner: Captioner, cfg) -> FastAPI:
     app = FastAPI(title="captioner", summary="Show and Tell image captioning", lifespan=lifespan)
     app.state.captioner, app.state.batcher = captioner, batcher
     app.add_middleware(BodyLimit, max_bytes=max_bytes + MULTIPART_SLACK)
+    # outermost, so a request is counted (or refused) before any of its body is read
+    app.add_middleware(Admission, limit=cfg.max_queue + cfg.max_decoding, timeout_s=cfg.upload_timeout_s)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception):  # still JSON, and the server goes on
@@ -174,14 +178,16 @@ def create_app(captioner: Captioner, cfg) -> FastAPI:
         if n_best > 1 and cfg.temperature is not None:
             raise HTTPException(422, f"n_best={n_best} needs beam search; this server samples one caption "
                                      f"(temperature={cfg.temperature})")
-        data = await file.read(max_bytes + 1)
-        if len(data) > max_bytes:
-            raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")
         if not batcher.running:
             raise HTTPException(503, "the model is not ready")
         async with decoding:  # decoding is CPU work and memory: off the loop, a few at a time
+            # read only now: until then the upload waits in its temporary file (on disk past 1 MiB), not in memory
+            data = await file.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise HTTPException(413, f"upload too large: the limit is {max_bytes} bytes")
             image = await run_in_threadpool(decode_image, data, cfg.max_pixels, cfg.max_side,
                                             captioner.preprocess["image_size"])
+            del data
         try:
             captions = await batcher.caption(image, beam_size, n_best)
         except HTTPException:  # the queue is full: 503 with Retry-After
@@ -192,6 +198,14 @@ def create_app(captioner: Captioner, cfg) -> FastAPI:
         return {"captions": [{"caption": c, "probability": p} for c, p in captions], "model": captioner.info}
 
     return app
+
+
+def uvicorn_config(app, cfg, **settings):
+    """The uvicorn settings the server runs with; `settings` add to them (tests: log_level)."""
+    import uvicorn
+
+    return uvicorn.Config(app, host=cfg.host, port=cfg.port, access_log=cfg.access_log,
+                          timeout_keep_alive=cfg.keep_alive_s, http=HeaderTimeout, **settings)
 
 
 @one_line_errors
@@ -205,7 +219,7 @@ def main(argv=None):
     checks.check_serve(cfg)
     captioner = Captioner(cfg.ckpt_path, cfg.device)
     logging.getLogger(__name__).info("Serving %s on http://%s:%d", captioner.ckpt_path, cfg.host, cfg.port)
-    uvicorn.run(create_app(captioner, cfg), host=cfg.host, port=cfg.port, access_log=cfg.access_log)
+    uvicorn.Server(uvicorn_config(create_app(captioner, cfg), cfg)).run()
 
 
 if __name__ == "__main__":
