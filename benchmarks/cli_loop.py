@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 
 from captioner.data.coco import load_splits
 from captioner.features.extraction import feature_dir, preprocess_spec
-from captioner.utils import cached_dir
+from captioner.caches import cached_dir
 from captioner.data.vocab import token_dir, token_spec
 from train_throughput import COCO_N, V, caption_arrays
 

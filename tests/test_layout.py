@@ -8,7 +8,7 @@ import captioner
 ROOT = Path(captioner.__file__).parent
 # bottom to top; the commands (and their plumbing: cli, checks) sit on top of everything
 LAYERS = ["base", "data", "features", "models", "evaluation", "training", "serving", "commands"]
-BASE = {"utils": 0, "checkpoint": 0, "cli": 0, "checks": 0}  # the cross-cutting helpers
+BASE = {"utils": 0, "caches": 0, "checkpoint": 0, "cli": 0, "checks": 0}  # the cross-cutting helpers
 MAX_LINES = 250
 
 

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from captioner.utils import CaptionerError, cache_key, cached_dir, file_fingerprint
+from captioner.utils import CaptionerError
+from captioner.caches import cache_key, cached_dir, file_fingerprint
 from captioner.data.vocab import SPECIALS
 
 log = logging.getLogger(__name__)

@@ -7,7 +7,6 @@ synonyms ("big"/"large", "square"/"box"/"block", "under"/"below") and optional d
 and multi-reference metrics (CIDEr) and the choice of training caption (`caption_idx`) mean something.
 Some colour-shape pairs (HELD_OUT) never occur in the training split: validation tests generalisation to them.
 """
-import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw

@@ -13,7 +13,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from captioner.utils import atomic_write_text, cached_dir
+from captioner.utils import atomic_write_text
+from captioner.caches import cached_dir
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from captioner.utils import cache_key, cached_dir, file_fingerprint
+from captioner.caches import cache_key, cached_dir, file_fingerprint
 
 log = logging.getLogger(__name__)
 

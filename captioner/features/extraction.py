@@ -26,8 +26,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from captioner.data.coco import CaptionSplit
 from captioner.features.encoders import build_encoder, encoder_preprocessing, normalizing, resizing
 from captioner.features.jpeg import ImageBytes, as_lists, decode_batch
-from captioner.utils import (CaptionerError, cache_key, cached_dir, check_free_space, file_fingerprint,
-                             files_fingerprint, to_rgb, write_errors)
+from captioner.utils import CaptionerError, check_free_space, to_rgb, write_errors
+from captioner.caches import cache_key, cached_dir, file_fingerprint, files_fingerprint
 
 log = logging.getLogger(__name__)
 MAX_WARNINGS = 20

@@ -3,7 +3,6 @@
 Training, decoding, SCST, scheduled sampling, caption, evaluate and serve use a model only through these methods,
 so a new model is one file (a registered CaptionModel subclass) plus one YAML in conf/model/.
 """
-import torch
 from torch import nn
 
 MODELS = {}  # registry name -> CaptionModel subclass (filled by @register_model)

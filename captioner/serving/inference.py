@@ -3,7 +3,6 @@
 Shared by `captioner.caption`, `captioner.evaluate` and `captioner.serve`. Only the checkpoint is needed:
 everything else (encoder name, weights, image size, normalisation, vocabulary, word vectors) is inside it.
 """
-from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
@@ -14,7 +13,7 @@ from captioner.data.vocab import Vocabulary
 from captioner.features.encoders import build_encoder, preprocessing
 from captioner.models import load_model, model_entry
 from captioner.models.decoding import captions
-from captioner.utils import to_rgb
+from captioner.utils import CaptionerError, to_rgb
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 

@@ -5,7 +5,7 @@ features, the vocabulary and its word vectors.
     vocab = prepared.vocabulary(cfg.vocab_size)                       # a prefix of the cached words
     datasets = prepared.datasets(vocab, caption_idx=0, seed=0)        # role -> CaptionBatches
 
-Each cache folder is made by `captioner.utils.cached_dir` (lock, build in a temporary folder, rename), so
+Each cache folder is made by `captioner.caches.cached_dir` (lock, build in a temporary folder, rename), so
 concurrent runs build it once and an interrupted build never looks finished. `captioner.run`,
 `captioner.extract` and `captioner.evaluate` come here; nothing else writes caches.
 """
@@ -21,7 +21,8 @@ from captioner.features.extraction import extract_split, load_features, preproce
 from captioner.data.scenes import make_scenes
 from captioner.data.shapes import make_shapes
 from captioner.data.vocab import MAX_WORDS, SPECIALS, Vocabulary, build_tokens, coverage, load_words
-from captioner.utils import CaptionerError, generation
+from captioner.utils import CaptionerError
+from captioner.caches import generation
 
 log = logging.getLogger(__name__)
 

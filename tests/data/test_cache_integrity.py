@@ -12,11 +12,12 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from captioner import utils
+from captioner import caches
 from captioner.data.shapes import make_shapes
 from captioner.features.extraction import extract_split
 from captioner.training.prepare import read_splits
-from captioner.utils import CaptionerError, cached_dir
+from captioner.utils import CaptionerError
+from captioner.caches import cached_dir
 from conftest import make_cfg, run_module
 
 LITE0 = OmegaConf.create({"name": "efficientnet_lite0", "weights": None, "image_size": 32, "mean": [0.5] * 3,
@@ -101,7 +102,7 @@ def test_a_read_only_cache_is_read_and_a_missing_cache_in_it_is_one_sentence(tmp
         "train": "train2017", "val": "val2017"}, "generate": {"train2017": 3, "val2017": 2}}))
     folder = extract_split(splits["val"], LITE0, tmp_path / "cache", num_workers=0, encoder=Rebuilding())
     shutil.rmtree(tmp_path / "cache" / "hashes")  # as for a copied data folder: its files' hashes are not recorded
-    monkeypatch.setattr(utils, "_HASHES", {})  # a new process: nothing hashed yet
+    monkeypatch.setattr(caches, "_HASHES", {})  # a new process: nothing hashed yet
     read_only(tmp_path / "cache")
     assert extract_split(splits["val"], LITE0, tmp_path / "cache", num_workers=0, encoder=Rebuilding()) == folder
     with pytest.raises(CaptionerError, match="Cannot write .*choose a writable folder") as err:
@@ -163,7 +164,7 @@ def test_damaged_caches_are_rebuilt_once_with_a_warning_and_train_as_before(tmp_
 
 
 @pytest.mark.parametrize("how", ["zero", "cut"])
-@pytest.mark.parametrize("name", ["data.npy", utils.OWNER])
+@pytest.mark.parametrize("name", ["data.npy", caches.OWNER])
 def test_a_damaged_file_or_checksum_record_is_rebuilt_once_with_one_warning(tmp_path, caplog, name, how):
     builds = []
 

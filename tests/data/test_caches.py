@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from captioner import utils
+from captioner import caches as cachelib
 from captioner.training.prepare import prepare as prepare_caches
 from conftest import make_cfg
 
@@ -64,14 +64,14 @@ def test_a_copied_data_folder_reuses_every_cache_and_edits_invalidate_what_depen
 def test_file_hash_is_computed_once_per_size_and_mtime(tmp_path, monkeypatch):
     f = tmp_path / "captions.json"
     f.write_bytes(os.urandom(1 << 20))
-    first = utils.file_fingerprint(f, tmp_path / "cache")
+    first = cachelib.file_fingerprint(f, tmp_path / "cache")
     assert list((tmp_path / "cache" / "hashes").iterdir())
-    monkeypatch.setattr(utils, "_HASHES", {})  # a new process: only the record on disk is left
-    monkeypatch.setattr(utils, "_digest", lambda p: pytest.fail("hashed again although unchanged"))
-    assert utils.file_fingerprint(f, tmp_path / "cache") == first
+    monkeypatch.setattr(cachelib, "_HASHES", {})  # a new process: only the record on disk is left
+    monkeypatch.setattr(cachelib, "_digest", lambda p: pytest.fail("hashed again although unchanged"))
+    assert cachelib.file_fingerprint(f, tmp_path / "cache") == first
     shutil.copy(f, tmp_path / "copy.json")
     monkeypatch.undo()
-    assert utils.file_fingerprint(tmp_path / "copy.json", tmp_path / "cache") == first  # same bytes, same key
+    assert cachelib.file_fingerprint(tmp_path / "copy.json", tmp_path / "cache") == first  # same bytes, same key
     time.sleep(0.01)
     f.write_bytes(f.read_bytes()[:-1] + b"x")
-    assert utils.file_fingerprint(f, tmp_path / "cache") != first
+    assert cachelib.file_fingerprint(f, tmp_path / "cache") != first

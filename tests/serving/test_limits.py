@@ -19,7 +19,6 @@ import httpx  # noqa: E402
 from captioner.cli import compose_config  # noqa: E402
 from captioner.serve import create_app, uvicorn_config  # noqa: E402
 from captioner.serving.inference import Captioner  # noqa: E402
-from captioner.serving.uploads import decode_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from captioner.data.datamodule import CaptionBatches, CaptionDataModule, real_length
 from captioner.training.module import CaptionModule
-from captioner.data.vocab import END, PAD, SPECIALS, START, Vocabulary
+from captioner.data.vocab import END, PAD, SPECIALS, START
 
 V, FEAT = 40, 12
 
