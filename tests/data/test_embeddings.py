@@ -167,6 +167,7 @@ def test_nearest_option_re_encodes_the_captions(cfg_factory, pipeline):
 
 
 def test_glove50_is_converted_once_and_reused(tmp_path, monkeypatch):
+    original_glove50 = embeddings._glove50
     nlp = load_vectors({"name": "glove50"}, tmp_path)
     (folder,) = [d for d in (tmp_path / "vectors").iterdir() if d.is_dir()]  # beside it: its lock file
     stamp = folder.stat().st_mtime_ns
@@ -177,6 +178,12 @@ def test_glove50_is_converted_once_and_reused(tmp_path, monkeypatch):
     again = load_vectors({"name": "glove50"}, tmp_path)
     assert folder.stat().st_mtime_ns == stamp and [d for d in (tmp_path / "vectors").iterdir() if d.is_dir()] == [folder]
     assert again.vocab.vectors.shape == nlp.vocab.vectors.shape == (400000, 50)
+    assert again is nlp  # loaded once per process for this build of the table
+    (folder / "vocab" / "vectors").write_bytes(b"\0" * (folder / "vocab" / "vectors").stat().st_size)  # damaged
+    monkeypatch.setattr(embeddings, "_glove50", original_glove50)
+    rebuilt = load_vectors({"name": "glove50"}, tmp_path)  # verified, rebuilt: the new build is loaded
+    assert rebuilt is not nlp and rebuilt.vocab.vectors.shape == (400000, 50)
+    assert (rebuilt.vocab.get_vector("dog") == nlp.vocab.get_vector("dog")).all()
 
     matrix, has = embedding_matrix(again, SPECIALS + ["dog", "puppy", "economy"])
     assert has[4:].all() and matrix[4].shape == (50,)

@@ -167,6 +167,7 @@ def test_checkpoint_mode_uses_the_data_the_checkpoint_was_trained_on(trained, tm
     assert compose_evaluate([f"results={tmp_path / 'r.json'}", "ckpt_path=/missing.ckpt"])[0].data.name == "coco"
 
 
+@pytest.mark.slow  # two java starts: ~5 s
 @needs_java
 def test_meteor_keeps_one_java_process_and_replaces_a_dead_one():
     gts = {1: ["a red circle on the left", "one red circle"], 2: ["two blue squares", "blue squares side by side"]}
