@@ -15,8 +15,6 @@ import argparse
 import asyncio
 import io
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,31 +23,13 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from serve_load import HOST, checkpoint, free_port  # benchmarks/serve_load.py, beside this file
+from serve_load import HOST, checkpoint, free_port, start_server  # benchmarks/serve_load.py, beside this file
 
 
 def memory_mb(pid, key):
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(key):
             return int(line.split()[1]) / 1024
-
-
-def start_server(ckpt, port) -> subprocess.Popen:
-    command = [sys.executable, "-m", "captioner.serve", f"ckpt_path={ckpt}", f"host={HOST}", f"port={port}",
-               "access_log=false", "device=cpu"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            sys.exit(f"the server exited ({server.returncode}): {server.stderr.read().strip()}")
-        try:
-            if httpx.get(f"http://{HOST}:{port}/health", timeout=2).json().get("ready"):
-                return server
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    server.kill()
-    sys.exit("the server did not become ready within 180 s")
 
 
 def noise_png(mib) -> bytes:
@@ -112,7 +92,7 @@ def main():
         ckpt = checkpoint(args.ckpt, Path(tmp))
         normal = noise_png(0.5)
         port = free_port()
-        server = start_server(ckpt, port)
+        server = start_server(ckpt, port, "device=cpu")
         url = f"http://{HOST}:{port}/api/caption"
         try:
             for _ in range(3):  # warm-up, not measured

@@ -49,9 +49,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt, port, args) -> subprocess.Popen:
+def start_server(ckpt, port, *overrides) -> subprocess.Popen:
+    """`python -m captioner.serve` on loopback with `overrides`, once its /health says it is ready."""
     command = [sys.executable, "-m", "captioner.serve", f"ckpt_path={ckpt}", f"host={HOST}", f"port={port}",
-               f"batch_window_ms={args.window_ms}", f"max_batch={args.max_batch}", "access_log=false"]
+               "access_log=false", *overrides]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
@@ -117,7 +118,7 @@ def main():
         ckpt = checkpoint(args.ckpt, tmp)
         images = [p.read_bytes() for p in sorted(make_shapes(tmp / "shapes", {"val2017": 32}).glob("val2017/*.png"))]
         port = free_port()
-        server = start_server(ckpt, port, args)
+        server = start_server(ckpt, port, f"batch_window_ms={args.window_ms}", f"max_batch={args.max_batch}")
         try:
             base = f"http://{HOST}:{port}"
             for data in images[:4]:  # warm-up, not timed
