@@ -4,7 +4,7 @@ import io
 import json
 import logging
 import os
-import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +20,7 @@ from captioner.utils import CaptionerError
 from conftest import SHARED, make_cfg
 from test_download import make_zip, server  # noqa: F401 (the loopback server fixture)
 
-FLICKR8K = __import__("pathlib").Path(os.environ.get("CAPTIONER_FLICKR8K", SHARED / "datasets" / "flickr8k"))
+FLICKR8K = Path(os.environ.get("CAPTIONER_FLICKR8K", SHARED / "datasets" / "flickr8k"))
 DATA_CONFIGS = ["coco", "karpathy_coco", "karpathy_flickr30k", "karpathy_flickr8k", "flickr8k", "scenes", "shapes"]
 
 
@@ -37,8 +37,8 @@ SPLIT_FILE = json.dumps({"dataset": "flickr8k", "images": [
     {"filename": name, "imgid": i, "split": ["train", "train", "train", "val", "val", "test"][i],
      "sentences": [{"raw": f"A dog number {i} runs .", "tokens": ["a", "dog", "runs"]}] * 5}
     for i, name in enumerate(PHOTOS)]}).encode()
-FLICKR_ZIPS = {"/flickr8k/Flickr8k_Dataset.zip": make_zip(
-                   {**{f"Flicker8k_Dataset/{k}": v for k, v in PHOTOS.items()}, "__MACOSX/Flicker8k_Dataset/._x": b"x"}),
+MIRROR = {**{f"Flicker8k_Dataset/{k}": v for k, v in PHOTOS.items()}, "__MACOSX/Flicker8k_Dataset/._x": b"x"}
+FLICKR_ZIPS = {"/flickr8k/Flickr8k_Dataset.zip": make_zip(MIRROR),
                "/karpathy/caption_datasets.zip": make_zip({"dataset_flickr8k.json": SPLIT_FILE,
                                                            "dataset_coco.json": b"{}"})}
 
