@@ -149,7 +149,7 @@ def check_evaluate(cfg):
 
 def check_download(cfg):
     text(cfg, "root")
-    for key in ("base_url", "karpathy_url"):
+    for key in ("base_url", "karpathy_url", "flickr8k_url"):
         text(cfg, key)
     number(cfg, "timeout", positive=True)
     integer(cfg, "retries", 0)

@@ -1,9 +1,11 @@
-"""Download MS-COCO 2017 and Karpathy's split files: `python -m captioner.download [root=data/coco] [parts=[...]]`.
+"""Download MS-COCO 2017 and Karpathy's split files: `python -m captioner.download [root=data/coco] [parts=[...]]`,
+or Flickr8k: `python -m captioner.download data=flickr8k` (its images and dataset_flickr8k.json).
 
 Arguments are overrides of conf/download.yaml. Each part is fetched to `<root>/<zip>.part` (resumed with an HTTP
 Range request after an interruption), checked against its size and, for the official files, its MD5, then extracted
 into a hidden temporary folder and renamed into place with a `.complete` marker inside. A folder without the
-marker therefore never passes as complete, and a rerun skips finished parts without any network request.
+marker therefore never passes as complete, and a rerun skips finished parts without any network request (a
+single-file part is renamed into place, so it exists only complete).
 """
 import hashlib
 import http.client
@@ -28,22 +30,28 @@ from captioner.utils import CaptionerError
 
 log = logging.getLogger(__name__)
 
-# Part (= the folder its zip contains) -> the zip's path below base_url; caption_datasets comes from karpathy_url
-# and its zip holds the split files without a folder (they are put in root/caption_datasets/).
-PARTS = {"caption_datasets": "caption_datasets.zip",
-         "annotations": "annotations/annotations_trainval2017.zip",
-         "train2017": "zips/train2017.zip",
-         "val2017": "zips/val2017.zip"}
-FLAT = {"caption_datasets"}
+# Part (what appears in root) -> (the config key of its URL, the zip's path below that URL, what of the zip becomes
+# root/<part>: a folder, a single file, or None: all its files, without their folder).
+PARTS = {"caption_datasets": ("karpathy_url", "", None),
+         "annotations": ("base_url", "annotations/annotations_trainval2017.zip", "annotations"),
+         "train2017": ("base_url", "zips/train2017.zip", "train2017"),
+         "val2017": ("base_url", "zips/val2017.zip", "val2017"),
+         # Flickr8k (data=flickr8k): the photos of the public mirror most code uses (the zip's folder name is
+         # misspelt as published), and the Karpathy split file, both in the layout that data=flickr8k reads
+         "images": ("flickr8k_url", "Flickr8k_Dataset.zip", "Flicker8k_Dataset"),
+         "dataset_flickr8k.json": ("karpathy_url", "", "dataset_flickr8k.json")}
 OFFICIAL = "http://images.cocodataset.org"
 KARPATHY = "https://cs.stanford.edu/people/karpathy/deepimagesent/caption_datasets.zip"
+FLICKR8K = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k"
 # Sizes and MD5s of the official zips, as published by many independent download scripts (PaddleDetection,
 # MLPerf, torchvision-style loaders). Keyed by URL: a mirror or a test server may serve other bytes.
 KNOWN = {f"{OFFICIAL}/annotations/annotations_trainval2017.zip": (252907541, "f4bbac642086de4f52a3fdda2de5fa2c"),
          f"{OFFICIAL}/zips/train2017.zip": (19336861798, "cced6f7f71b7629ddf16f17bbcfab6b2"),
          f"{OFFICIAL}/zips/val2017.zip": (815585330, "442b8da7639aecaf257c1dceb8ba8c80"),
          # MD5 as published by torchvision's R port (mlverse/torchdatasets); its size is not published
-         KARPATHY: (None, "4fa8c08369d22fe16e41dc124bd1adc2")}
+         KARPATHY: (None, "4fa8c08369d22fe16e41dc124bd1adc2"),
+         # MD5 as published by the same R port (its sizes are not published, and cannot be fetched from here)
+         f"{FLICKR8K}/Flickr8k_Dataset.zip": (None, "f18a1e2920de5bd84dae7cf08ec78978")}
 MARKER = ".complete"
 CHUNK = 1 << 20
 
@@ -144,56 +152,66 @@ def fetch(url, dest: Path, timeout=60, retries=3, progress=True) -> Path:
     return dest
 
 
-def extract(zip_path: Path, root: Path, name: str, url: str, progress=True, flat=False) -> Path:
-    """Unzip the `name/` folder of `zip_path` (`flat`: all its files) into root/name, all or nothing, with the
-    completion marker."""
+def extract(zip_path: Path, root: Path, name: str, url: str, source, progress=True) -> Path:
+    """Unzip `source` of `zip_path` into root/name, all or nothing: a folder (with the completion marker inside), a
+    single file, or (source None) all the zip's files, without their folder."""
     tmp = root / f".{name}.extracting"
     shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted extraction
+    what = "any file" if source is None else f"{source}"
     try:
         with zipfile.ZipFile(zip_path) as z:
-            members = [m for m in z.infolist() if m.filename.startswith(f"{name}/") or flat and not m.is_dir()]
+            members = [m for m in z.infolist() if not m.is_dir() if source is None
+                       or m.filename == source or m.filename.startswith(f"{source}/")]
             if not members:
-                raise zipfile.BadZipFile(f"it has no {name}/ folder" if not flat else "it is empty")
+                raise zipfile.BadZipFile(f"it has no {what}")
             for m in tqdm(members, desc=f"extracting {zip_path.name}", unit="files", disable=not progress):
-                z.extract(m, tmp if m.filename.startswith(f"{name}/") else tmp / name)  # CRC-checked as read
+                z.extract(m, tmp / name if source is None else tmp)  # CRC-checked as read
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         zip_path.unlink()  # a bad archive cannot be repaired by resuming; the next run fetches it afresh
-        raise CaptionerError(f"{zip_path} (from {url}) is not a valid zip archive with a {name}/ folder ({e}); "
+        raise CaptionerError(f"{zip_path} (from {url}) is not a valid zip archive with {what} ({e}); "
                              f"it was deleted, run again to download it afresh.") from None
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CaptionerError(f"extracting {zip_path} into {tmp} failed: {e}.") from None
-    (tmp / name / MARKER).write_text(json.dumps({"url": url, "files": len(members)}))
-    os.rename(tmp / name, root / name)  # atomic on one file system: the folder appears complete or not at all
+    out = tmp / (name if source is None else source)
+    if out.is_dir():
+        (out / MARKER).write_text(json.dumps({"url": url, "files": len(members)}))
+    os.rename(out, root / name)  # atomic on one file system: the part appears complete or not at all
     shutil.rmtree(tmp)
     return root / name
 
 
+def complete(target: Path) -> bool:
+    return (target / MARKER).exists() or target.is_file()  # a file part only ever appears complete
+
+
 def download(root, parts=tuple(PARTS), base_url=OFFICIAL, timeout=60, retries=3, keep_zips=False,
-             progress=True, karpathy_url=KARPATHY) -> Path:
-    root = Path(root)
+             progress=True, karpathy_url=KARPATHY, flickr8k_url=FLICKR8K) -> Path:
+    root = Path(os.path.normpath(root))  # data=flickr8k downloads into <data.root>/..
     parts = [parts] if isinstance(parts, str) else list(parts)
     for name in parts:
         if name not in PARTS:
             raise CaptionerError(f"unknown part '{name}'; choose from {', '.join(PARTS)}.")
         target = root / name
-        if target.exists() and not (target / MARKER).exists():
+        if target.exists() and not complete(target):
             # Checked before any download: someone else's (or a hand-made) folder is never overwritten.
             raise CaptionerError(f"{target} exists but has no {MARKER} marker, so it may be incomplete; move it "
                                  f"away (or create {target / MARKER} if you know it is complete) and run again.")
+    bases = {"base_url": base_url, "karpathy_url": karpathy_url, "flickr8k_url": flickr8k_url}
+    urls = {name: f"{bases[PARTS[name][0]].rstrip('/')}/{PARTS[name][1]}".rstrip("/") for name in parts}
+    zips = {name: root / urls[name].rsplit("/", 1)[-1] for name in parts}
     root.mkdir(parents=True, exist_ok=True)
-    for name in parts:
-        if (root / name / MARKER).exists():
+    for i, name in enumerate(parts):
+        if complete(root / name):
             log.info("%s is complete; skipping.", root / name)
             continue
-        url = karpathy_url if name == "caption_datasets" else f"{base_url.rstrip('/')}/{PARTS[name]}"
-        zip_path = root / PARTS[name].rsplit("/", 1)[-1]
+        url, zip_path = urls[name], zips[name]
         if not zip_path.exists():  # a zip under its final name has already been verified
             log.info("Downloading %s", url)
             fetch(url, zip_path, timeout, retries, progress)
-        extract(zip_path, root, name, url, progress, flat=name in FLAT)
-        if not keep_zips:
+        extract(zip_path, root, name, url, PARTS[name][2], progress)
+        if not keep_zips and zip_path not in [zips[p] for p in parts[i + 1:]]:  # caption_datasets.zip: 2 parts
             zip_path.unlink()
         log.info("%s is ready.", root / name)
     return root
@@ -209,8 +227,8 @@ def main(argv=None):
     cfg = compose_config("download", argv)
     checks.check_download(cfg)  # every key before any request (part names: download checks them against PARTS)
     root = download(cfg.root, cfg.parts, cfg.base_url, cfg.timeout, cfg.retries, cfg.keep_zips, cfg.progress,
-                    cfg.karpathy_url)
-    log.info("COCO 2017 (%s) is in %s.", ", ".join(map(str, cfg.parts)), root)
+                    cfg.karpathy_url, cfg.flickr8k_url)
+    log.info("%s (%s) is in %s.", cfg.data.name, ", ".join(map(str, cfg.parts)), root)
 
 
 if __name__ == "__main__":

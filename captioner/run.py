@@ -49,7 +49,7 @@ def check_config(cfg: DictConfig) -> None:
 def build(cfg: DictConfig, nlp=None):
     """The prepared data (every cache built or found), its vocabulary, the data module and the model."""
     prepared = prepare(cfg.data, cfg.encoder, cfg.paths.cache_dir)
-    vocab = prepared.vocabulary(cfg.vocab_size)
+    vocab = prepared.vocabulary(cfg.vocab_size, cfg.get("vocab_min_count"))
     emb, pretrained, has_vector = word_vectors(nlp, vocab, OmegaConf.to_container(cfg.embeddings, resolve=True),
                                                prepared.words["words"])
     val = prepared.splits["val"]

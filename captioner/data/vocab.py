@@ -1,4 +1,5 @@
-"""Captions to integers: spaCy tokenization (cached once per dataset) and the `vocab_size` vocabulary.
+"""Captions to integers: spaCy tokenization (cached once per dataset) and the `vocab_size` / `vocab_min_count`
+vocabulary.
 
 Tokenized captions are cached as flat arrays that are memory-mapped when read:
     words.json     every distinct token, most frequent in the training split first (ties alphabetical)
@@ -6,8 +7,8 @@ Tokenized captions are cached as flat arrays that are memory-mapped when read:
     <split>.offsets.npy     int64 [n_captions + 1], caption c is tokens[offsets[c]:offsets[c + 1]]
     <split>.img_caps.npy    int64 [n_images + 1], the captions of image i are img_caps[i]:img_caps[i + 1]
     <split>.image_ids.npy   int64 [n_images]
-Because words are ordered by training frequency, any `vocab_size` is a prefix of `words`: changing it needs
-no re-tokenization, only a new id lookup table.
+Because words are ordered by training frequency, any `vocab_size` or `vocab_min_count` is a prefix of `words`:
+changing either needs no re-tokenization, only a new id lookup table.
 """
 import json
 import logging
@@ -78,8 +79,10 @@ class Vocabulary:
         self.lut = lut
 
     @classmethod
-    def from_words(cls, words, n_train_words: int, size: int):
+    def from_words(cls, words, n_train_words: int, size: int, counts=None, min_count=None):
         kept = min(size, n_train_words)  # only words seen in training can be kept
+        if min_count is not None and counts is not None:  # counts fall along `words`: the rare ones are a suffix
+            kept = min(kept, int((np.asarray(counts) >= min_count).sum()))
         lut = np.full(len(words), UNK, dtype=np.int64)
         lut[:kept] = np.arange(len(SPECIALS), len(SPECIALS) + kept)
         return cls(SPECIALS + list(words[:kept]), lut)

@@ -2,7 +2,7 @@
 features, the vocabulary and its word vectors.
 
     prepared = prepare(cfg.data, cfg.encoder, cfg.paths.cache_dir)   # build or find every cache
-    vocab = prepared.vocabulary(cfg.vocab_size)                       # a prefix of the cached words
+    vocab = prepared.vocabulary(cfg.vocab_size, cfg.vocab_min_count)  # a prefix of the cached words
     datasets = prepared.datasets(vocab, caption_idx=0, seed=0)        # role -> CaptionBatches
 
 Each cache folder is made by `captioner.caches.cached_dir` (lock, build in a temporary folder, rename), so
@@ -66,11 +66,13 @@ class Prepared:
     def words(self) -> dict:
         return load_words(self.tokens)
 
-    def vocabulary(self, size: int) -> Vocabulary:
+    def vocabulary(self, size: int, min_count=None) -> Vocabulary:
+        """The `size` most frequent training words, less those seen fewer than `min_count` times (both apply)."""
         meta = self.words
-        vocab = Vocabulary.from_words(meta["words"], meta["n_train_words"], size)
-        log.info("Vocabulary: %d words + %d special tokens, covering %.1f%% of training tokens.",
-                 len(vocab) - len(SPECIALS), len(SPECIALS), 100 * coverage(meta, size))
+        vocab = Vocabulary.from_words(meta["words"], meta["n_train_words"], size, meta["counts"], min_count)
+        kept = len(vocab) - len(SPECIALS)
+        log.info("Vocabulary: %d words (vocab_size=%d, vocab_min_count=%s) + %d special tokens, covering %.1f%% of "
+                 "training tokens.", kept, size, min_count, len(SPECIALS), 100 * coverage(meta, kept))
         return vocab
 
     def datasets(self, vocab: Vocabulary, caption_idx=0, seed=0) -> dict:
