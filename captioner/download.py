@@ -2,10 +2,9 @@
 or Flickr8k: `python -m captioner.download data=flickr8k` (its images and dataset_flickr8k.json).
 
 Arguments are overrides of conf/download.yaml. Each part is fetched to `<root>/<zip>.part` (resumed with an HTTP
-Range request after an interruption), checked against its size and, for the official files, its MD5, then extracted
-into a hidden temporary folder and renamed into place with a `.complete` marker inside. A folder without the
-marker therefore never passes as complete, and a rerun skips finished parts without any network request (a
-single-file part is renamed into place, so it exists only complete).
+Range request), checked against its size and (official files) MD5, extracted into a hidden temporary folder and
+renamed into place with a `.complete` marker inside, so a folder without it never passes as complete and a rerun
+skips finished parts without a request. Only zips this run fetched, and its own temporary folders, are removed.
 """
 import hashlib
 import http.client
@@ -53,6 +52,7 @@ KNOWN = {f"{OFFICIAL}/annotations/annotations_trainval2017.zip": (252907541, "f4
          # MD5 as published by the same R port (its sizes are not published, and cannot be fetched from here)
          f"{FLICKR8K}/Flickr8k_Dataset.zip": (None, "f18a1e2920de5bd84dae7cf08ec78978")}
 MARKER = ".complete"
+OWNED = ".captioner-extracting"  # written first into a temporary extraction folder: only such a one is removed
 CHUNK = 1 << 20
 
 
@@ -152,11 +152,22 @@ def fetch(url, dest: Path, timeout=60, retries=3, progress=True) -> Path:
     return dest
 
 
-def extract(zip_path: Path, root: Path, name: str, url: str, source, progress=True) -> Path:
+def _fresh_tmp(tmp: Path) -> None:
+    """An empty temporary folder, marked as ours: only a marked one (an interrupted extraction) is ever removed."""
+    if tmp.exists():
+        if not (tmp / OWNED).exists():
+            raise CaptionerError(f"{tmp} exists but was not made by captioner.download; move it away and run again.")
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    (tmp / OWNED).touch()
+
+
+def extract(zip_path: Path, root: Path, name: str, url: str, source, progress=True, fetched=True) -> Path:
     """Unzip `source` of `zip_path` into root/name, all or nothing: a folder (with the completion marker inside), a
-    single file, or (source None) all the zip's files, without their folder."""
+    single file, or (source None) all the zip's files, without their folder. A bad archive is deleted only if
+    this run `fetched` it."""
     tmp = root / f".{name}.extracting"
-    shutil.rmtree(tmp, ignore_errors=True)  # left over from an interrupted extraction
+    _fresh_tmp(tmp)
     what = "any file" if source is None else f"{source}"
     try:
         with zipfile.ZipFile(zip_path) as z:
@@ -168,6 +179,9 @@ def extract(zip_path: Path, root: Path, name: str, url: str, source, progress=Tr
                 z.extract(m, tmp / name if source is None else tmp)  # CRC-checked as read
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not fetched:
+            raise CaptionerError(f"{zip_path} (not downloaded by this run) is not a valid zip archive with {what} "
+                                 f"({e}); it was left in place: delete or replace it and run again.") from None
         zip_path.unlink()  # a bad archive cannot be repaired by resuming; the next run fetches it afresh
         raise CaptionerError(f"{zip_path} (from {url}) is not a valid zip archive with {what} ({e}); "
                              f"it was deleted, run again to download it afresh.") from None
@@ -202,17 +216,19 @@ def download(root, parts=tuple(PARTS), base_url=OFFICIAL, timeout=60, retries=3,
     urls = {name: f"{bases[PARTS[name][0]].rstrip('/')}/{PARTS[name][1]}".rstrip("/") for name in parts}
     zips = {name: root / urls[name].rsplit("/", 1)[-1] for name in parts}
     root.mkdir(parents=True, exist_ok=True)
+    fetched = set()
     for i, name in enumerate(parts):
         if complete(root / name):
             log.info("%s is complete; skipping.", root / name)
             continue
         url, zip_path = urls[name], zips[name]
-        if not zip_path.exists():  # a zip under its final name has already been verified
+        if not zip_path.exists():  # a zip under its final name has already been verified (or was put there)
             log.info("Downloading %s", url)
             fetch(url, zip_path, timeout, retries, progress)
-        extract(zip_path, root, name, url, PARTS[name][2], progress)
-        if not keep_zips and zip_path not in [zips[p] for p in parts[i + 1:]]:  # caption_datasets.zip: 2 parts
-            zip_path.unlink()
+            fetched.add(zip_path)
+        extract(zip_path, root, name, url, PARTS[name][2], progress, fetched=zip_path in fetched)
+        if not keep_zips and zip_path in fetched and zip_path not in [zips[p] for p in parts[i + 1:]]:
+            zip_path.unlink()  # only a zip this run downloaded (caption_datasets.zip serves 2 parts)
         log.info("%s is ready.", root / name)
     return root
 

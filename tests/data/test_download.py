@@ -184,6 +184,7 @@ def test_karpathy_split_files_resume_and_are_checksum_verified(tmp_path, server,
 def test_stale_extraction_folder_is_replaced(tmp_path, server):
     (tmp_path / ".val2017.extracting" / "val2017").mkdir(parents=True)
     (tmp_path / ".val2017.extracting" / "val2017" / "junk.jpg").write_bytes(b"x")
+    (tmp_path / ".val2017.extracting" / dl.OWNED).touch()  # an interrupted extraction of ours
     run(tmp_path, server, ["val2017"])
     assert_layout(tmp_path, ["val2017"])
     assert not (tmp_path / "val2017" / "junk.jpg").exists()
@@ -259,3 +260,23 @@ def test_every_download_key_is_checked_before_any_request(tmp_path, override, me
         dl.main([f"root={tmp_path / 'coco'}", "base_url=http://127.0.0.1:9", override])  # nothing listens there
     assert str(exit.value.code).startswith("error: ") and message in str(exit.value.code)
     assert not (tmp_path / "coco").exists()
+
+
+def test_what_the_user_put_there_is_never_deleted(tmp_path, server):
+    # a zip put there by hand is used and kept (only zips this run downloaded are removed after extraction)
+    (tmp_path / "val2017.zip").write_bytes(ZIPS["/zips/val2017.zip"])
+    run(tmp_path, server, ["val2017"])
+    assert (tmp_path / "val2017.zip").read_bytes() == ZIPS["/zips/val2017.zip"] and not server.requests
+    # a bad one put there by hand is left in place, with one sentence
+    (tmp_path / "annotations_trainval2017.zip").write_bytes(b"my notes, not a zip")
+    message = cli_error(f"data.root={tmp_path}", f"base_url={server.url}", "parts=[annotations]", "progress=false")
+    assert "(not downloaded by this run) is not a valid zip archive" in message and "left in place" in message
+    assert (tmp_path / "annotations_trainval2017.zip").read_bytes() == b"my notes, not a zip"
+    # a folder at the temporary extraction name that captioner did not make is refused, not removed
+    (tmp_path / "annotations_trainval2017.zip").unlink()
+    (tmp_path / ".annotations.extracting").mkdir()
+    (tmp_path / ".annotations.extracting" / "mine.txt").write_text("keep me")
+    message = cli_error(f"data.root={tmp_path}", f"base_url={server.url}", "parts=[annotations]", "progress=false")
+    assert message == (f"error: {tmp_path / '.annotations.extracting'} exists but was not made by "
+                       f"captioner.download; move it away and run again.")
+    assert (tmp_path / ".annotations.extracting" / "mine.txt").read_text() == "keep me"
