@@ -166,8 +166,7 @@ def extract(zip_path: Path, root: Path, name: str, url: str, source, progress=Tr
     """Unzip `source` of `zip_path` into root/name, all or nothing: a folder (with the completion marker inside), a
     single file, or (source None) all the zip's files, without their folder. A bad archive is deleted only if
     this run `fetched` it."""
-    tmp = root / f".{name}.extracting"
-    _fresh_tmp(tmp)
+    _fresh_tmp(tmp := root / f".{name}.extracting")
     what = "any file" if source is None else f"{source}"
     try:
         with zipfile.ZipFile(zip_path) as z:
