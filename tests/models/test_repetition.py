@@ -10,11 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from captioner.caption import main as caption_main
 from captioner.evaluate import main as evaluate_main
 from captioner.models.base import CaptionModel
-from captioner.models.decoding import beam_search, block_repeats, sample
+from captioner.data.vocab import END, PAD, START
+from captioner.models.decoding import NEG, beam_search, block_repeats, sample
+from captioner.models.show_and_tell import ShowAndTell, WordEmbedding
 
 WORDS = ["<pad>", "<start>", "<end>", "<unk>", "a", "the", "cat"]
 ID = {w: i for i, w in enumerate(WORDS)}
@@ -120,6 +123,49 @@ def test_block_repeats_bans_exactly_the_words_completing_a_seen_ngram():
             last = tuple(row[len(row) - n + 1:]) if n > 1 else ()
             expect = {row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == last}
             assert {w for w in range(2, 6) if ban[w]} == expect
+
+
+@torch.no_grad()
+def plain_blocked_beam_search(model, features, k, max_len, n):
+    """The specification: a [B, k * V] top-k with each beam's words re-gathered every step, and the banned words
+    found row by row in Python."""
+    B = len(features)
+    state = model.repeat_state(model.initial_state(features), k)
+    scores = torch.full((B, k), NEG)
+    scores[:, 0] = 0.0
+    words, seqs = torch.full((B * k,), START), torch.zeros(B, k, 0, dtype=torch.long)
+    done = torch.zeros(B, k, dtype=torch.bool)
+    for _ in range(max_len):
+        logits, state = model.step(words, state)
+        logp = F.log_softmax(logits.float(), -1)
+        logp[:, :START + 1] = NEG
+        for row, seq in enumerate(seqs.view(B * k, -1).tolist()):
+            for i in range(len(seq) - n + 1):
+                if seq[i:i + n - 1] == seq[len(seq) - n + 1:]:
+                    logp[row, seq[i + n - 1]] = NEG
+        logp = logp.view(B, k, -1)
+        logp = torch.where(done[..., None], torch.full_like(logp, NEG), logp)
+        logp[..., PAD] = torch.where(done, 0.0, logp[..., PAD])
+        V = logp.shape[-1]
+        scores, flat = (scores[..., None] + logp).view(B, -1).topk(k, -1)
+        origin, words = flat // V, flat % V
+        state = model.reorder_state(state, (origin + (torch.arange(B) * k)[:, None]).view(-1))
+        seqs = torch.cat([seqs.gather(1, origin[..., None].expand(-1, -1, seqs.shape[2])), words[..., None]], 2)
+        done = done.gather(1, origin) | (words == END)
+        words = words.view(-1)
+    return seqs[:, 0], scores[:, 0]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_batched_blocking_equals_the_plain_one(n):
+    """A small random LSTM whose beams trade places: each beam's words must follow it (the history's reorder)."""
+    torch.manual_seed(0)
+    model = ShowAndTell(10, 12, WordEmbedding(12, 8), 32, 1, "lstm").eval()
+    feats = torch.randn(32, 10) * 3
+    expected, expected_scores = plain_blocked_beam_search(model, feats, 4, 10, n)
+    tokens, scores, _ = beam_search(model, feats, 4, 10, no_repeat_ngram_size=n, check_every=11)
+    assert torch.equal(tokens[:, 0], expected) and torch.allclose(scores[:, 0], expected_scores, atol=1e-5)
+    assert not torch.equal(tokens, beam_search(model, feats, 4, 10, check_every=11)[0])  # blocking did something
 
 
 def caption_cli(trained, *overrides):
