@@ -99,11 +99,14 @@ def device(cfg, key="device"):
 
 
 def decoding(cfg, max_beam_size=None):
-    """beam_size, n_best, max_len, length_penalty, temperature, top_k, seed: what caption/evaluate/serve share."""
+    """beam_size, n_best, max_len, length_penalty, no_repeat_ngram_size, temperature, top_k, seed: what
+    caption/evaluate/serve share."""
     integer(cfg, "beam_size", 1, max_beam_size)
     integer(cfg, "max_len", 1, MAX_LEN)
     if "length_penalty" in cfg:
         number(cfg, "length_penalty")
+    if "no_repeat_ngram_size" in cfg:
+        integer(cfg, "no_repeat_ngram_size", 0, MAX_LEN)
     if "temperature" in cfg:
         number(cfg, "temperature", positive=True, nullable=True)
         integer(cfg, "top_k", 0)

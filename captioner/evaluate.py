@@ -156,7 +156,8 @@ def decode_tag(decode: dict) -> str:
         tag = f"sample-t{decode['temperature']:g}-k{decode['top_k']}-seed{decode['seed']}"
     else:
         tag = f"beam{decode['beam_size']}" + (f"-lp{decode['length_penalty']:g}" if decode["length_penalty"] else "")
-    return f"{tag}-len{decode['max_len']}"
+    nr = decode.get("no_repeat_ngram_size")
+    return f"{tag}-len{decode['max_len']}" + (f"-nr{nr}" if nr else "")
 
 
 def default_output_dir(ckpt_path: Path) -> Path:

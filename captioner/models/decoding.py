@@ -11,12 +11,26 @@ from captioner.models.base import CaptionModel
 from captioner.data.vocab import END, PAD, START
 
 NEG = -1e9
-DECODE_KEYS = ("beam_size", "max_len", "n_best", "length_penalty", "temperature", "top_k", "seed")
+DECODE_KEYS = ("beam_size", "max_len", "n_best", "length_penalty", "no_repeat_ngram_size", "temperature", "top_k",
+               "seed")
 
 
 def _mask_specials(logp):
     logp[:, PAD:START + 1] = NEG  # <pad> and <start> are never emitted by a live caption (PAD, START = 0, 1)
     return logp
+
+
+def block_repeats(logp, history, n):
+    """Sets to NEG, in place, the scores [N, V] of every word that would complete an n-gram already in its row of
+    `history` [N, t] (the words so far), as no_repeat_ngram_size does in HF transformers and fairseq. One unfold
+    over the t - n + 1 n-grams of all rows at once; no loop over rows."""
+    if n <= 0 or history.shape[1] < n:
+        return logp
+    grams = history.unfold(1, n, 1)  # [N, t - n + 1, n]
+    seen = (grams[..., :-1] == history[:, None, history.shape[1] - n + 1:]).all(-1)  # starts as the row ends
+    # an n-gram whose first n - 1 words are not the row's last ones bans nothing: it points at <pad>, which
+    # is NEG already, so every write is NEG and repeated indices cannot conflict
+    return logp.scatter_(1, torch.where(seen, grams[..., -1], PAD), NEG)
 
 
 def _step(model: CaptionModel, words, state):
@@ -27,10 +41,11 @@ def _step(model: CaptionModel, words, state):
 
 @torch.no_grad()
 def beam_search(model: CaptionModel, features, beam_size=3, max_len=20, length_penalty=0.0, n_best=1,
-                check_every=4):
+                check_every=4, no_repeat_ngram_size=0):
     """Returns (tokens [B, n_best, T], log-probabilities [B, n_best], probabilities over the returned set).
 
-    Ranking uses log p / ((5 + length) / 6) ** length_penalty (GNMT); 0 ranks by plain log-probability.
+    Ranking uses log p / ((5 + length) / 6) ** length_penalty (GNMT), each caption with its own length (its words
+    and <end>); 0 ranks by plain log-probability. no_repeat_ngram_size=n > 0: no caption holds an n-gram twice.
 
     Speed: the best k words of each beam are found first (a top-k per row of [B * k, V]), then the best k of
     those k * k candidates per image; the global top-k can hold at most k words of one beam, so this is exact,
@@ -53,9 +68,14 @@ def beam_search(model: CaptionModel, features, beam_size=3, max_len=20, length_p
     pad_only = torch.full((B, k, k), NEG, device=device)
     pad_only[..., 0] = 0.0
     pad_word = torch.full((B, k, k), PAD, dtype=torch.long, device=device)
+    # no_repeat_ngram_size: each beam's words so far, reordered with the beams (the back-pointers hold them too,
+    # but rebuilding every beam's caption from them each step would take a loop over t)
+    history = torch.zeros(B, k, max_len, dtype=torch.long, device=device) if no_repeat_ngram_size > 0 else None
     steps = max_len
     for t in range(max_len):
         logp, state = _step(model, words, state)
+        if history is not None:
+            block_repeats(logp, history[..., :t].reshape(B * k, t), no_repeat_ngram_size)
         best, word = logp.topk(k, -1)  # [B * k, k]
         best = torch.where(done[..., None], pad_only, best.view(B, k, k))
         word = torch.where(done[..., None], pad_word, word.view(B, k, k))
@@ -64,6 +84,9 @@ def beam_search(model: CaptionModel, features, beam_size=3, max_len=20, length_p
         words = word.view(B, -1).gather(1, flat)
         state = model.reorder_state(state, (origin + offsets).view(-1))
         tokens[t], origins[t] = words, origin
+        if history is not None:
+            history = history.gather(1, origin[..., None].expand_as(history))
+            history[..., t] = words
         was_done = done.gather(1, origin)
         lengths = lengths.gather(1, origin) + ~was_done
         done = was_done | (words == END)
@@ -92,10 +115,11 @@ def draw(logits, generator=None):
 
 
 @torch.no_grad()
-def sample(model: CaptionModel, features, max_len=20, temperature=1.0, top_k=0, generator=None, check_every=4):
+def sample(model: CaptionModel, features, max_len=20, temperature=1.0, top_k=0, generator=None, check_every=4,
+           no_repeat_ngram_size=0):
     """Ancestral sampling (the seed's `probabilistic`; SCST's samples): tokens [B, T], <pad> after <end>, T <=
     max_len. All B captions advance together; whether all have ended is checked (a host sync) every `check_every`
-    words only (0: never)."""
+    words only (0: never). no_repeat_ngram_size=n > 0: no caption holds an n-gram twice."""
     B = features.shape[0]
     state = model.initial_state(features)
     words = torch.full((B,), START, device=features.device, dtype=torch.long)
@@ -104,6 +128,8 @@ def sample(model: CaptionModel, features, max_len=20, temperature=1.0, top_k=0, 
     for t in range(max_len):
         logits, state = model.step(words, state)
         logits = _mask_specials(logits)  # in place (no autograd here); draw's softmax normalises: no log_softmax
+        if no_repeat_ngram_size > 0 and out:
+            block_repeats(logits, torch.stack(out, 1), no_repeat_ngram_size)  # before top_k, as beam search does
         if temperature != 1.0:
             logits = logits.float() / max(temperature, 1e-6)  # fp32: bf16 logits would round after dividing
         if 0 < top_k < logits.shape[-1]:  # a top_k of the vocabulary's size or more keeps every word
@@ -124,12 +150,13 @@ def decode_options(cfg) -> dict:
 
 @torch.no_grad()
 def captions(model: CaptionModel, vocab, features, beam_size=3, max_len=20, n_best=1, length_penalty=0.0,
-             temperature=None, top_k=0, seed=None):
+             temperature=None, top_k=0, seed=None, no_repeat_ngram_size=0):
     """Features [B, dim] -> one list of (caption, probability) per image, probabilities normalised over that
     list; with `temperature` set, one sampled caption per image instead of beam search."""
     if temperature is not None:
         g = torch.Generator(features.device).manual_seed(seed) if seed is not None else None
-        tokens = sample(model, features, max_len, temperature, top_k, g)
+        tokens = sample(model, features, max_len, temperature, top_k, g, no_repeat_ngram_size=no_repeat_ngram_size)
         return [[(vocab.decode(t), 1.0)] for t in tokens.tolist()]
-    tokens, _, probs = beam_search(model, features, beam_size, max_len, length_penalty, n_best)
+    tokens, _, probs = beam_search(model, features, beam_size, max_len, length_penalty, n_best,
+                                   no_repeat_ngram_size=no_repeat_ngram_size)
     return [[(vocab.decode(t), p) for t, p in zip(ts, ps)] for ts, ps in zip(tokens.tolist(), probs.tolist())]

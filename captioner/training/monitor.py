@@ -127,11 +127,11 @@ class BestCheckpoint(RunCheckpoint):
 
 class CaptionMonitor(Callback):
     def __init__(self, every_n_epochs, max_images, beam_size, max_len, length_penalty, temperature=None, top_k=0,
-                 seed=None, samples=6, batch_size=256):
+                 seed=None, samples=6, batch_size=256, no_repeat_ngram_size=0):
         self.every, self.max_images, self.samples = every_n_epochs, max_images, samples
         # the decoding of conf/decode/, as caption and evaluate use it (decode=sample: sampled, with the run's seed)
         self.decode = dict(beam_size=beam_size, max_len=max_len, length_penalty=length_penalty,
-                           temperature=temperature, top_k=top_k, seed=seed)
+                           temperature=temperature, top_k=top_k, seed=seed, no_repeat_ngram_size=no_repeat_ngram_size)
         self.batch_size = batch_size
 
     def _due(self, trainer) -> bool:
