@@ -22,7 +22,7 @@ h1{font-size:20px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bott
 .card{background:#fff;border:1px solid #ddd;border-radius:4px;padding:8px}
 .card img{display:block;max-width:224px;max-height:224px;margin:0 auto 6px}
 .gen{font-weight:bold}.cider{float:right;color:#555;font-variant-numeric:tabular-nums}
-ul{margin:4px 0 0;padding-left:18px;color:#555}.meta{color:#555}"""
+ul{margin:4px 0 0;padding-left:18px;color:#555}.meta{color:#555}.file{color:#999;font-size:12px;margin-top:4px}"""
 
 
 def sections(ids_by_score: list) -> dict:
@@ -53,7 +53,8 @@ def card(path, caption: str, references: list, cider: float) -> str:
         img = f'<p class="meta">cannot read {html.escape(str(path))}: {html.escape(str(e))}</p>'
     refs = "".join(f"<li>{html.escape(r)}</li>" for r in references)
     return (f'<div class="card">{img}<span class="cider">CIDEr {cider:.3f}</span>'
-            f'<div class="gen">{html.escape(caption)}</div><ul>{refs}</ul></div>')
+            f'<div class="gen">{html.escape(caption)}</div><ul>{refs}</ul>'
+            f'<div class="file">{html.escape(path.name)}</div></div>')
 
 
 def samples_page(split: CaptionSplit, results: list, cider: dict, title: str, notes=()) -> str:
@@ -62,7 +63,8 @@ def samples_page(split: CaptionSplit, results: list, cider: dict, title: str, no
     caption = {r["image_id"]: r["caption"] for r in results}
     ranked = sorted(cider, key=lambda i: -cider[i])
     body = [f"<h1>{html.escape(title)}</h1>"]
-    body += [f'<div class="meta">{html.escape(note)}</div>' for note in notes]
+    body += [f'<div class="meta">{html.escape(note)}</div>' for note in
+             [*notes, "Each image: its generated caption (bold), its CIDEr, its reference captions."]]
     for name, ids in sections(ranked).items():
         body.append(f"<h2>{name} {len(ids)} of {len(ranked)} images by CIDEr</h2><div class=\"grid\">")
         body += [card(split.image_dir / split.files[row[i]], caption[i], split.captions[row[i]], cider[i])
