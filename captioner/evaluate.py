@@ -155,7 +155,8 @@ def evaluate_checkpoint(cfg, checkpoint=None):
         notes = [f"checkpoint {captioner.ckpt_path}", f"{len(results)} images, corpus CIDEr {metrics['CIDEr']:.3f}"]
         write_samples(samples, split, results, cider, f"{cfg.data.name} {split.name}, {decode_tag(decode)}", notes)
     report = {"checkpoint": str(captioner.ckpt_path), "split": split.name, "annotations": str(split.annotation_file),
-              "results": str(results_file), "samples": samples and str(samples), "images": len(results), "decode": decode, "seconds": seconds}
+              "results": str(results_file), "samples": samples and str(samples), "images": len(results),
+              "decode": decode, "seconds": seconds}
     return metrics, report, cfg.output or out_dir / f"{stem}-metrics.json"
 
 
