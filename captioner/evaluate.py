@@ -57,18 +57,20 @@ def read_references(path) -> dict:
     return references
 
 
-def score(results, references, spice=True) -> dict:
+def score(results, references, spice=True, per_image=None) -> dict:
     """captioner.evaluation.metrics.score, or a note when pycocoevalcap is not installed (e.g. a bare GPU machine)."""
     try:
         from captioner.evaluation.metrics import score as coco_score
     except ImportError as e:
         log.warning("Caption metrics skipped: %s (pip install pycocoevalcap).", e)
         return {"metrics_skipped": f"{e}; pip install pycocoevalcap"}
-    return coco_score(results, references, spice=spice)
+    return coco_score(results, references, spice=spice, per_image=per_image)
 
 
-def evaluate_split(captioner, split: CaptionSplit, max_images=None, batch_size=64, spice=True, **decode):
-    """Caption the split's images (the first `max_images`) -> (COCO results list, metrics dict)."""
+def evaluate_split(captioner, split: CaptionSplit, max_images=None, batch_size=64, spice=True, per_image=None,
+                   **decode):
+    """Caption the split's images (the first `max_images`) -> (COCO results list, metrics dict). `per_image`: a
+    dict to fill with each image's CIDEr."""
     from captioner.caption import caption_files  # torch and Lightning load only when captioning (~10 s)
 
     n = len(split.image_ids) if max_images is None else min(max_images, len(split.image_ids))
@@ -80,7 +82,7 @@ def evaluate_split(captioner, split: CaptionSplit, max_images=None, batch_size=6
         results.append({"image_id": id_of[path], "caption": caps[0][0]})
     log.info("Captioned %d images of %s in %.1f s.", n, split.name, time.perf_counter() - start)
     references = dict(zip(split.image_ids[:n], split.captions[:n]))
-    return results, score(results, references, spice=spice)
+    return results, score(results, references, spice=spice, per_image=per_image)
 
 
 def checkpoint_split(cfg) -> CaptionSplit:
@@ -92,7 +94,7 @@ def checkpoint_split(cfg) -> CaptionSplit:
 
 
 def evaluate_cached(captioner, split: CaptionSplit, cache_dir, max_images=None, batch_size=64, spice=True,
-                    extract=None, **decode):
+                    extract=None, per_image=None, **decode):
     """Like evaluate_split, from the split's cached features (extracted once, with the checkpoint's encoder and
     preprocessing, when missing) -> (results, metrics, seconds per stage)."""
     import numpy as np
@@ -120,7 +122,7 @@ def evaluate_cached(captioner, split: CaptionSplit, cache_dir, max_images=None, 
     seconds["decoding"] = time.perf_counter() - start
     log.info("Captioned %d images of %s from cached features in %.1f s.", n, split.name, seconds["decoding"])
     start = time.perf_counter()
-    metrics = score(results, dict(zip(split.image_ids[:n], split.captions[:n])), spice=spice)
+    metrics = score(results, dict(zip(split.image_ids[:n], split.captions[:n])), spice=spice, per_image=per_image)
     seconds["scoring"] = time.perf_counter() - start
     return results, metrics, {k: round(v, 3) for k, v in seconds.items()}
 
@@ -133,20 +135,28 @@ def evaluate_checkpoint(cfg, checkpoint=None):
     split = checkpoint_split(cfg)
     captioner = Captioner(cfg.ckpt_path, cfg.device, checkpoint)
     decode = decode_options(cfg)
-    seconds = None
+    seconds, cider = None, {}
     if cfg.cached_features:
         extract = dict(batch_size=cfg.extract.batch_size, num_workers=cfg.extract.num_workers)
         results, metrics, seconds = evaluate_cached(captioner, split, cfg.paths.cache_dir, cfg.max_images,
-                                                    cfg.batch_size, cfg.spice, extract, **decode)
+                                                    cfg.batch_size, cfg.spice, extract, cider, **decode)
     else:
-        results, metrics = evaluate_split(captioner, split, cfg.max_images, cfg.batch_size, cfg.spice, **decode)
+        results, metrics = evaluate_split(captioner, split, cfg.max_images, cfg.batch_size, cfg.spice, cider,
+                                          **decode)
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(captioner.ckpt_path)
     # one file per dataset, split, checkpoint and decoding: a beam-1 run must not overwrite a beam-2 run's results
     stem = f"{cfg.data.name}-{split.name}-{captioner.ckpt_path.stem}-{decode_tag(decode)}"
     results_file = out_dir / f"{stem}-results.json"
     atomic_write_text(results_file, json.dumps(results, indent=0))
+    samples = out_dir / f"{stem}-samples.html" if cider else None
+    if samples:  # the images, captions and per-image CIDEr to look at (none when pycocoevalcap is missing)
+        from captioner.evaluation.samples import write_samples
+
+        notes = [f"checkpoint {captioner.ckpt_path}", f"{len(results)} images, corpus CIDEr {metrics['CIDEr']:.3f}"]
+        write_samples(samples, split, results, cider, f"{cfg.data.name} {split.name}, {decode_tag(decode)}", notes)
     report = {"checkpoint": str(captioner.ckpt_path), "split": split.name, "annotations": str(split.annotation_file),
-              "results": str(results_file), "images": len(results), "decode": decode, "seconds": seconds}
+              "results": str(results_file), "samples": samples and str(samples), "images": len(results),
+              "decode": decode, "seconds": seconds}
     return metrics, report, cfg.output or out_dir / f"{stem}-metrics.json"
 
 

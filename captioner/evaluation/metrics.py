@@ -128,10 +128,11 @@ def meteor(gts, res) -> float:
         raise
 
 
-def score(results, references: dict, spice: bool = True) -> dict:
+def score(results, references: dict, spice: bool = True, per_image: dict = None) -> dict:
     """COCO caption metrics of `results` (a COCO results list) against `references` ({image_id: [caption, ...]},
     every image with at least one caption). Keys as pycocoevalcap names them: Bleu_1..Bleu_4, METEOR, ROUGE_L,
-    CIDEr, SPICE; a metric that cannot run here is replaced by `<name>_skipped` with the reason."""
+    CIDEr, SPICE; a metric that cannot run here is replaced by `<name>_skipped` with the reason.
+    `per_image`: a dict to fill with each image's CIDEr ({image_id: float}), from the same computation."""
     captions = validate_results(results, references)
     java = shutil.which("java") is not None
     if not java:
@@ -146,7 +147,10 @@ def score(results, references: dict, spice: bool = True) -> dict:
     else:
         metrics["METEOR_skipped"] = "java not found"
     metrics["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-    metrics["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+    cider, cider_each = Cider().compute_score(gts, res)  # per image in the order of gts' keys
+    metrics["CIDEr"] = float(cider)
+    if per_image is not None:
+        per_image.update(zip(gts, map(float, cider_each)))
     reason = spice_missing(java) if spice else "disabled (spice=false)"
     if reason is None:
         try:  # its jar needs 8 GB of heap and an old-Java-friendly runtime; the other metrics stay valid without it
