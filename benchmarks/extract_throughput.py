@@ -1,32 +1,38 @@
 """Feature extraction throughput: the real `extract_split` (reading + decoding JPEGs from disk in DataLoader workers,
-preprocessing, forward, writing the float16 cache) against the bare encoder forward on random tensors, in one run on
-one machine; then ../shared/bench/ref_limits.py's extract and decode figures, for scale.
+preprocessing, forward, writing the float16 cache; a cold cache, as `python -m captioner.extract` runs it) against
+the bare encoder forward (channels-last, inference mode, the same batch size and threads) on the same images already
+decoded, in one run on one machine.
 
-    python benchmarks/extract_throughput.py                                   # coco-mini, lite0 + resnet50
-    python benchmarks/extract_throughput.py --encoders efficientnet_lite0 --workers 2 --batch-size 32
+    python benchmarks/extract_throughput.py                       # first 512 Flickr8k train images, lite0
+    python benchmarks/extract_throughput.py --limit 2000 --encoders efficientnet_lite0,resnet50 --batch-size 32
+    python benchmarks/extract_throughput.py --images ../shared/datasets/coco-mini --reference
 
-ResNet-50 runs with random weights (no download needed; the speed is the same). The forward figure is the mean of a
-run before and a run after the extraction, as the load of a shared machine drifts. Last line: JSON with, per
-encoder, extract_images_per_s, forward_images_per_s and their ratio, the reference's figures and the load average.
+--images: a Karpathy split file (its `train` split) or a COCO-layout folder (train2017). ResNet-50 runs with random
+weights (no download needed; the speed is the same). The forward figure is the mean of a run before and a run after
+the extraction, as the load of a shared machine drifts. `max_abs_diff`: the cached features against the plain
+(contiguous, float32) forward of the first --compare images. Last line: JSON.
 """
 import argparse
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 from omegaconf import OmegaConf
 
-from captioner.data.coco import load_split
-from captioner.features.encoders import build_encoder
-from captioner.features.extraction import extract_split
+from captioner.data.coco import CaptionSplit, load_karpathy_split, load_split
+from captioner.features.encoders import build_encoder, normalizing, resizing
+from captioner.features.extraction import (ImageFiles, cpu_plan, extract_split, load_features, torch_threads,
+                                           usable_cores)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = next((p / "shared" for p in Path(__file__).resolve().parents if (p / "shared").is_dir()), Path("shared"))
 NORM = {"efficientnet_lite0": ([0.498] * 3, [0.502] * 3), "resnet50": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])}
 
 
@@ -38,50 +44,76 @@ def encoder_for(name):
     return build_encoder(OmegaConf.create({"name": name}))
 
 
+def first_images(path: Path, n: int) -> CaptionSplit:
+    s = load_karpathy_split(path, path.parent / "images", ["train"]) if path.suffix == ".json" \
+        else load_split(path, "train2017")
+    return CaptionSplit(s.name, s.image_dir, s.annotation_file, s.image_ids[:n], s.files[:n], s.captions[:n])
+
+
 @torch.inference_mode()
-def forward_rate(net, n, batch_size, device):
-    x = torch.randn(batch_size, 3, 224, 224, device=device)
-    net(x[:2])  # warm-up
-    t, done = time.perf_counter(), 0
-    while done < n:
-        net(x)
-        done += batch_size
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return done / (time.perf_counter() - t)
+def forward(net, images, batch_size, channels_last=True):
+    """(images/s, features) of the plain forward over already-decoded, normalised images."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=fmt)
+    net(images[:2].contiguous(memory_format=fmt))  # warm-up
+    t, out = time.perf_counter(), []
+    for s in range(0, len(images), batch_size):
+        out.append(net(images[s:s + batch_size].contiguous(memory_format=fmt)).float().cpu())
+    return len(images) / (time.perf_counter() - t), torch.cat(out)
+
+
+def cpu_name():
+    lines = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    return next((l.split(":", 1)[1].strip() for l in lines if l.startswith("model name")), platform.processor())
 
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--images", type=Path, default=SHARED / "datasets" / "coco-mini", help="a COCO-layout folder")
-    p.add_argument("--encoders", default="efficientnet_lite0,resnet50")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--images", type=Path, default=SHARED / "datasets" / "flickr8k" / "dataset_flickr8k.json")
+    p.add_argument("--limit", type=int, default=512, help="the first N images")
+    p.add_argument("--encoders", default="efficientnet_lite0")
+    p.add_argument("--batch-size", type=int, default=64, help="encoder.batch_size")
+    p.add_argument("--workers", type=int, default=2, help="encoder.num_workers (on the CPU, capped by cpu_plan)")
+    p.add_argument("--compare", type=int, default=64, help="images checked against the plain float32 forward")
+    p.add_argument("--reference", action="store_true", help="also run ../shared/bench/ref_limits.py (COCO layout)")
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    splits = [load_split(a.images, s) for s in ("train2017", "val2017")]
-    n = sum(len(s.files) for s in splits)
-    out = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "images": n,
-           "threads": torch.get_num_threads(), "workers": a.workers, "batch_size": a.batch_size}
+    split = first_images(a.images, a.limit)
+    n = len(split.files)
+    threads = min(cpu_plan(usable_cores())[0], torch.get_num_threads()) if device.type == "cpu" \
+        else torch.get_num_threads()
+    out = {"machine": {"cpu": cpu_name(), "cores": usable_cores(), "device": torch.cuda.get_device_name()
+                       if device.type == "cuda" else "cpu", "torch": torch.__version__},
+           "images": n, "batch_size": a.batch_size}
     for name in a.encoders.split(","):
         net = encoder_for(name).to(device)
         cfg = OmegaConf.create({"name": name, "weights": None if name != "resnet50" else "random", "image_size": 224,
                                 "mean": NORM[name][0], "std": NORM[name][1]})
-        before = forward_rate(net, n, a.batch_size, device)
+        files = ImageFiles([split.image_dir / f for f in split.files], resizing(224), 224)
+        images = normalizing(*NORM[name])(torch.stack([files[i][0] for i in range(n)])).to(device)
+        with torch_threads(threads):
+            before, _ = forward(net, images, a.batch_size)
         with tempfile.TemporaryDirectory() as cache:
             t = time.perf_counter()
-            for split in splits:  # a fresh cache: every image is read, decoded and encoded
-                extract_split(split, cfg, cache, batch_size=a.batch_size, num_workers=a.workers, device=device,
-                              encoder=net)
+            folder = extract_split(split, cfg, cache, batch_size=a.batch_size, num_workers=a.workers, device=device,
+                                   encoder=net)
             extract = n / (time.perf_counter() - t)
-        after = forward_rate(net, n, a.batch_size, device)
-        forward = (before + after) / 2
-        out[name] = {"extract_images_per_s": round(extract, 2), "forward_images_per_s": round(forward, 2),
-                     "forward_before_after": [round(before, 2), round(after, 2)], "ratio": round(extract / forward, 3)}
+            meta = json.loads((folder / "meta.json").read_text())
+            cached = torch.from_numpy(np.asarray(load_features(folder)[0][:a.compare], np.float32))
+        with torch_threads(threads):
+            after, _ = forward(net, images, a.batch_size)
+            _, plain = forward(net, images[:a.compare], a.batch_size, channels_last=False)
+        rate = (before + after) / 2
+        out.update(threads=meta["threads"], workers=meta["workers"])
+        out[name] = {"extract_images_per_s": round(extract, 2), "forward_images_per_s": round(rate, 2),
+                     "forward_before_after": [round(before, 2), round(after, 2)], "ratio": round(extract / rate, 3),
+                     "max_abs_diff": round(float((cached - plain).abs().max()), 5),
+                     "feature_max_abs": round(float(plain.abs().max()), 3)}
         print(name, out[name], flush=True)
-    ref = subprocess.run([sys.executable, str(SHARED / "bench" / "ref_limits.py"), "--skip", "seed,fast,beam",
-                          "--images", str(a.images)], capture_output=True, text=True)
-    out["reference"] = json.loads(ref.stdout.strip().splitlines()[-1]) if ref.returncode == 0 else ref.stderr[-300:]
+    if a.reference:
+        ref = subprocess.run([sys.executable, str(SHARED / "bench" / "ref_limits.py"), "--skip", "seed,fast,beam",
+                              "--images", str(a.images)], capture_output=True, text=True)
+        out["reference"] = json.loads(ref.stdout.strip().splitlines()[-1]) if ref.returncode == 0 else ref.stderr[-300:]
     out["load_avg_1min"] = round(os.getloadavg()[0], 2)
     print(json.dumps(out))
 
