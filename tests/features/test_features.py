@@ -255,6 +255,7 @@ def test_timm_model_from_a_local_weights_file(tmp_path, no_network):
         build_encoder(OmegaConf.create({"name": name, "weights": None}))  # offline: a clear message
 
 
+@pytest.mark.slow  # builds a timm model and extracts: ~4 s
 def test_timm_preprocessing_is_the_models_own_and_goes_into_the_checkpoint(cfg_factory, tmp_path, no_network):
     timm = pytest.importorskip("timm")
     from captioner.serving.inference import Captioner

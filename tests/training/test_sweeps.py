@@ -56,6 +56,7 @@ def test_experiment_debug_search_and_launcher_groups_compose():
     assert compose_full("hydra/launcher=submitit_local").hydra.launcher._target_.endswith("LocalLauncher")
 
 
+@pytest.mark.slow  # three trainings: ~4 s
 def test_same_seed_same_val_loss(cfg_factory):
     a = train(cfg_factory("iterations=4", "seed=3", run="a"))
     b = train(cfg_factory("iterations=4", "seed=3", run="b"))
