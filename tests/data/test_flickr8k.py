@@ -12,9 +12,12 @@ from PIL import Image
 
 from captioner import download as dl
 from captioner import extract
+from captioner.checkpoint import load_checkpoint
 from captioner.cli import compose_config
 from captioner.data.coco import load_splits
 from captioner.data.vocab import SPECIALS, build_tokens, load_words
+from captioner.run import train
+from captioner.training import checks as training_checks
 from captioner.training.prepare import Prepared, read_splits
 from captioner.utils import CaptionerError
 from conftest import SHARED, make_cfg
@@ -131,16 +134,47 @@ def test_vocab_min_count_is_checked(cfg_factory, tmp_path):
             check_config(cfg_factory(f"vocab_min_count={bad}"))
 
 
-@pytest.mark.slow
-def test_extract_twenty_real_flickr8k_photos(tmp_path, capsys):
-    """The shared Flickr8k copy through data=flickr8k: the first 20 entries of its split file (not all 7,000)."""
+def twenty_real_photos(tmp_path):
+    """A split file of the shared copy's first 20 entries (not all 7,000): 12 train, 4 val, 4 test."""
     if not (FLICKR8K / "dataset_flickr8k.json").is_file():
         pytest.skip(f"the Flickr8k copy is not present at {FLICKR8K} (set CAPTIONER_FLICKR8K to its folder)")
     entries = json.loads((FLICKR8K / "dataset_flickr8k.json").read_text())["images"][:20]
-    for i, entry in enumerate(entries):  # the copy has no test images (and its first 20 are train): 12/4/4
+    for i, entry in enumerate(entries):  # the copy has no test images (and its first 20 are train)
         entry["split"] = "train" if i < 12 else "val" if i < 16 else "test"
     split_file = tmp_path / "dataset_flickr8k.json"
     split_file.write_text(json.dumps({"dataset": "flickr8k", "images": entries}))
+    return entries, split_file
+
+
+def test_the_flickr8k_experiment_composes_its_recipe_and_passes_the_checks(tmp_path):
+    cfg = make_cfg(tmp_path / "data", tmp_path / "run", "experiment=flickr8k")
+    assert cfg.data.name == "flickr8k" and str(cfg.data.root).endswith("flickr8k/images")
+    assert (cfg.vocab_min_count, cfg.caption_idx, cfg.checkpoint_monitor, cfg.epochs) == (5, -1, "val/CIDEr", 25)
+    training_checks.check_run(cfg)
+    training_checks.check_recipes(cfg)
+
+
+@pytest.mark.slow
+def test_the_flickr8k_experiment_trains_on_real_photos(tmp_path):
+    _, split_file = twenty_real_photos(tmp_path)
+    cfg = make_cfg(tmp_path / "data", tmp_path / "run", "experiment=flickr8k", f"data.root={FLICKR8K / 'images'}",
+                   f"data.split_file={split_file}", "epochs=2", "eval_every=1", "hidden_size=32",
+                   "encoder.num_workers=0", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false")
+    train(cfg)
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt")  # chosen by val/CIDEr
+    words = len(ckpt["hyper_parameters"]["itos"]) - len(SPECIALS)
+    counts = {}
+    for entry in json.loads(split_file.read_text())["images"][:12]:
+        for sentence in entry["sentences"]:
+            for word in sentence["tokens"]:
+                counts[word] = counts.get(word, 0) + 1
+    assert 0 < words <= sum(c >= 5 for c in counts.values())  # vocab_min_count=5 reached the vocabulary
+
+
+@pytest.mark.slow
+def test_extract_twenty_real_flickr8k_photos(tmp_path, capsys):
+    """The shared Flickr8k copy through data=flickr8k."""
+    entries, split_file = twenty_real_photos(tmp_path)
     extract.main(["data=flickr8k", f"data.root={FLICKR8K / 'images'}", f"data.split_file={split_file}",
                   f"paths.data_dir={tmp_path / 'data'}", "data.splits.test=[test]", "encoder.num_workers=0"])
     lines = capsys.readouterr().out.splitlines()
