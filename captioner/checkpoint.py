@@ -95,14 +95,21 @@ def load_checkpoint(path, map_location="cpu", key="ckpt_path") -> dict:
     return ckpt
 
 
-def check_shapes(shown, saved: dict, module) -> None:
-    """load_state_dict reports every mismatch in a page of text: name the first tensor and both shapes."""
-    wanted = module.state_dict()
+def shape_mismatch(saved: dict, wanted: dict):
+    """The first tensor of `saved` whose shape differs from the same-named one in `wanted`, as (name, its shape,
+    the wanted shape); None when all agree. load_state_dict would report every mismatch in a page of text."""
     for name, tensor in saved.items():
         if name in wanted and tuple(tensor.shape) != tuple(wanted[name].shape):
-            raise CaptionerError(f"{shown} has {name} of shape {list(tensor.shape)}, but this model's is "
-                                 f"{list(wanted[name].shape)}; use the hidden_size, num_layers, rnn_type, embeddings "
-                                 f"and vocabulary it was trained with.")
+            return name, list(tensor.shape), list(wanted[name].shape)
+    return None
+
+
+def check_shapes(shown, saved: dict, module) -> None:
+    """One sentence naming the first tensor of `saved` that does not fit `module`, and both shapes."""
+    if bad := shape_mismatch(saved, module.state_dict()):
+        name, have, want = bad
+        raise CaptionerError(f"{shown} has {name} of shape {have}, but this model's is {want}; use the hidden_size, "
+                             f"num_layers, rnn_type, embeddings and vocabulary it was trained with.")
 
 
 ARCHITECTURE = ("model", "rnn_type", "hidden_size", "num_layers", "feature_dim", "blind")

@@ -1,7 +1,6 @@
 """Small shared helpers: the user-facing error type, image modes, atomic file writes (cache folders: captioner.caches)."""
 import errno
 import json
-import logging
 import math
 import os
 import shutil
@@ -11,7 +10,6 @@ from pathlib import Path
 import numpy as np
 
 
-log = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"  # a training run's final metrics, in its run dir (read by the sweep table)
 
 

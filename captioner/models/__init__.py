@@ -12,6 +12,7 @@ import hydra
 import torch
 from hydra.errors import InstantiationException
 
+from captioner.checkpoint import shape_mismatch
 from captioner.models.base import MODELS, CaptionModel, register_model  # noqa: F401
 from captioner.models.layers import WordEmbedding
 from captioner.utils import CaptionerError
@@ -70,12 +71,11 @@ def load_model(ckpt: dict, source) -> CaptionModel:
         with torch.device("meta"):
             expected = make().state_dict()
         weights = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-        for key, t in expected.items():
-            if key in weights and weights[key].shape != t.shape:
-                args = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "name")
-                raise CaptionerError(f"{source} does not match the model its hyperparameters describe: model.{key} "
-                                     f"is {list(weights[key].shape)} in the checkpoint, but {entry['name']}({args}) "
-                                     f"makes it {list(t.shape)}.")
+        if bad := shape_mismatch(weights, expected):
+            key, have, want = bad
+            args = ", ".join(f"{k}={v}" for k, v in entry.items() if k != "name")
+            raise CaptionerError(f"{source} does not match the model its hyperparameters describe: model.{key} "
+                                 f"is {have} in the checkpoint, but {entry['name']}({args}) makes it {want}.")
         model = make()
         model.load_state_dict(weights)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:

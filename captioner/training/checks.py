@@ -11,8 +11,8 @@ def check_run(cfg):
     """The top-level training keys (captioner.run's check_config checks the choices: rnn_type, optimizer)."""
     for key in ("vocab_size", "hidden_size", "num_layers", "batch_size", "epochs", "eval_max_images"):
         integer(cfg, key, 1)
-    integer(cfg, "progress_every", 1, nullable=True)
-    integer(cfg, "vocab_min_count", 1, nullable=True)  # null: 1 on a CPU, 50 on a GPU
+    integer(cfg, "progress_every", 1, nullable=True)  # null: 1 on a CPU, 50 on a GPU
+    integer(cfg, "vocab_min_count", 1, nullable=True)  # null: no minimum
     decoding(cfg)  # the validation captions' beam_size, max_len, ... (conf/decode/)
     for key in ("caption_idx", "iterations"):
         integer(cfg, key)
