@@ -53,7 +53,7 @@ def build(cfg: DictConfig, nlp=None):
     emb, pretrained, has_vector = word_vectors(nlp, vocab, OmegaConf.to_container(cfg.embeddings, resolve=True),
                                                prepared.words["words"])
     val = prepared.splits["val"]
-    dm = CaptionDataModule(prepared.datasets(vocab, cfg.caption_idx, cfg.seed), cfg.batch_size, cfg.shuffle,
+    dm = CaptionDataModule(prepared.datasets(vocab, cfg.caption_idx, cfg.seed, cfg.seq_per_img), cfg.batch_size, cfg.shuffle,
                            cfg.data.num_workers, cfg.data.resident, val_references=dict(zip(val.image_ids, val.captions)),
                            val_paths={i: val.image_dir / f for i, f in zip(val.image_ids, val.files)},
                            pad_to=8 if cfg.get("compile") else 1, pad_real=cfg.get("compile") == "graphs")

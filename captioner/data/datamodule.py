@@ -1,8 +1,11 @@
 """The data path: cached CNN features + cached token arrays -> padded (features, inputs, targets, real) batches.
 
 Batches are assembled with whole-array numpy indexing (`__getitems__`), so there is no per-sample Python
-work in the training loop. Each image is one sample per epoch; `caption_idx` picks which of its captions:
-a fixed index (modulo the image's caption count) when >= 0, or a random one per image per epoch when < 0.
+work in the training loop. Each image is `per_image` samples per epoch (`seq_per_img`; 1 for val) and
+`caption_idx` picks which of its captions: fixed ones (caption_idx, caption_idx + 1, ... modulo the image's caption
+count) when >= 0, or distinct random ones (a new draw per image per epoch) when < 0. With per_image equal to the
+caption count, an epoch sees every caption once; the samples of one image are spread over the epoch, not batched
+together, so a batch holds as many different images as it can.
 `real` holds the flat (row-major) positions of the real targets, the words and <end>, not the pads. It is computed
 on the host from the caption lengths, so the loss can score those positions only without asking the device how
 many there are (a boolean mask would make a GPU wait for its count at every step).
@@ -28,8 +31,9 @@ class CaptionBatches(Dataset):
     """
 
     def __init__(self, features, feat_rows, ids, offsets, cap_start, cap_count, caption_idx=0, seed=0,
-                 image_ids=None):
+                 image_ids=None, per_image=1):
         self.features, self.feat_rows = features, feat_rows
+        self.per_image = int(per_image)
         self.image_ids = image_ids  # the image id of each item (for captioning validation images)
         self.ids, self.offsets = ids, offsets
         self.cap_start, self.cap_count = cap_start, cap_count
@@ -40,14 +44,26 @@ class CaptionBatches(Dataset):
         self.set_epoch(0)
 
     def __len__(self):
-        return len(self.feat_rows)
+        return len(self.feat_rows) * self.per_image
+
+    def image_rows(self, indices):
+        """The image (row of feat_rows) of each sample index: sample i is image i % n, its (i // n)-th caption."""
+        return np.asarray(indices) % len(self.feat_rows)
 
     def set_epoch(self, epoch: int):
+        """Chooses each sample's caption for this epoch: `choice` [per_image * n], image-major blocks of n."""
+        j = np.arange(self.per_image)[:, None]
         if self.caption_idx >= 0:
-            self.choice = self.cap_start + self.caption_idx % self.cap_count
+            order = self.caption_idx + j
         else:  # same draw on every rank and worker: it depends on (seed, epoch) only
             rng = np.random.default_rng([self.seed, epoch])
-            self.choice = self.cap_start + (rng.random(len(self)) * self.cap_count).astype(np.int64)
+            if self.per_image == 1:  # the draw of earlier versions, so their runs repeat exactly
+                order = (rng.random(len(self.feat_rows)) * self.cap_count).astype(np.int64)[None]
+            else:  # distinct captions: a random permutation of each image's captions (invalid slots sort last)
+                keys = rng.random((len(self.feat_rows), int(self.cap_count.max())))
+                keys[np.arange(keys.shape[1]) >= self.cap_count[:, None]] = np.inf
+                order = np.argsort(keys, 1).T[j % keys.shape[1]][:, 0]
+        self.choice = (self.cap_start + order % self.cap_count).ravel()
 
     def to_device(self, device):
         """Keep features and word ids on the device: a batch is then built there, with no host-side assembly."""
@@ -77,7 +93,7 @@ class CaptionBatches(Dataset):
 
     def __getitems__(self, indices):
         idx = np.asarray(indices)
-        rows = self.feat_rows[idx]
+        rows = self.feat_rows[self.image_rows(idx)]
         caps = self.choice[idx]
         begin, lengths = self.offsets[caps], self.offsets[caps + 1] - self.offsets[caps]
         # the longest caption plus <end>, rounded up; with pad_real, at least one <pad> column, where padded

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from captioner.models.base import CaptionModel
-from captioner.data.vocab import END, PAD, START
+from captioner.data.vocab import END, PAD, START, UNK
 
 NEG = -1e9
 DECODE_KEYS = ("beam_size", "max_len", "n_best", "length_penalty", "no_repeat_ngram_size", "temperature", "top_k",
@@ -17,6 +17,8 @@ DECODE_KEYS = ("beam_size", "max_len", "n_best", "length_penalty", "no_repeat_ng
 
 def _mask_specials(logp):
     logp[:, PAD:START + 1] = NEG  # <pad> and <start> are never emitted by a live caption (PAD, START = 0, 1)
+    # nor <unk>: it tells a reader nothing, and in SCST it would be rewarded for matching the references' <unk>
+    logp[:, UNK] = NEG
     return logp
 
 

@@ -13,6 +13,7 @@ def check_run(cfg):
         integer(cfg, key, 1)
     integer(cfg, "progress_every", 1, nullable=True)  # null: 1 on a CPU, 50 on a GPU
     integer(cfg, "vocab_min_count", 1, nullable=True)  # null: no minimum
+    integer(cfg, "seq_per_img", 1)
     decoding(cfg)  # the validation captions' beam_size, max_len, ... (conf/decode/)
     for key in ("caption_idx", "iterations"):
         integer(cfg, key)

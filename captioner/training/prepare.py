@@ -75,9 +75,10 @@ class Prepared:
                  "training tokens.", kept, size, min_count, len(SPECIALS), 100 * coverage(meta, kept))
         return vocab
 
-    def datasets(self, vocab: Vocabulary, caption_idx=0, seed=0) -> dict:
+    def datasets(self, vocab: Vocabulary, caption_idx=0, seed=0, seq_per_img=1) -> dict:
         """Role -> CaptionBatches: cached features and captions encoded with `vocab` (its lookup table as it is
-        now, so remap words into it before calling this)."""
+        now, so remap words into it before calling this). Training sees `seq_per_img` captions per image per
+        epoch; the other roles one."""
         out = {}
         for role in self.splits:
             feats, feat_ids = self.features[role]
@@ -88,7 +89,7 @@ class Prepared:
                 feats, np.arange(len(feat_ids)),
                 vocab.encode(np.load(self.tokens / f"{role}.tokens.npy", mmap_mode="r")),
                 np.load(self.tokens / f"{role}.offsets.npy"), img_caps[pos], img_caps[pos + 1] - img_caps[pos],
-                caption_idx, seed, image_ids=feat_ids)
+                caption_idx, seed, image_ids=feat_ids, per_image=seq_per_img if role == "train" else 1)
         return out
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from captioner.evaluation.cider import CiderD, reference_tensor
 from captioner.models.decoding import beam_search, sample
 from captioner.training.module import CaptionModule, compile_mode
-from captioner.data.vocab import PAD, START
+from captioner.data.vocab import PAD, START, UNK
 
 log = logging.getLogger(__name__)
 DEFAULTS = {"samples": 5, "baseline": "mean", "max_len": 16}
@@ -45,17 +45,18 @@ class ImageRows(Dataset):
             setattr(self.base, name, value)
 
     def __getitems__(self, indices):
-        return (*self.base.__getitems__(indices), torch.as_tensor(indices, dtype=torch.long))
+        return (*self.base.__getitems__(indices), torch.as_tensor(self.base.image_rows(indices), dtype=torch.long))
 
     def __getitem__(self, i):
         return self.__getitems__([i])
 
 
 def _specials_bias(vocab_size: int, device):
-    """Added to logits: -inf for <pad> and <start>, which are never sampled (as decoding's masking, but an addition,
-    which autograd can go through and whose backward pass copies nothing)."""
+    """Added to logits: -inf for <pad>, <start> and <unk>, which are never sampled (as decoding's masking, but an
+    addition, which autograd can go through and whose backward pass copies nothing)."""
     bias = torch.zeros(vocab_size, device=device)
     bias[PAD:START + 1] = float("-inf")  # PAD, START = 0, 1 (a fill: no index tensor to copy to the device)
+    bias[UNK] = float("-inf")
     return bias
 
 

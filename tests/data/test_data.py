@@ -29,14 +29,15 @@ def test_shapes_dataset_is_deterministic_and_in_coco_layout(tmp_path):
     assert (a / "annotations" / "captions_train2017.json").stat().st_mtime_ns == mtime
 
 
-def batches(caption_idx, seed=0):
+def batches(caption_idx, seed=0, per_image=1):
     # 4 images with 3, 1, 2 and 3 captions; caption c of image i is the single word id 10*i + c
     counts = np.array([3, 1, 2, 3])
     cap_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     words = np.array([10 * i + c for i, n in enumerate(counts) for c in range(n)])
     offsets = np.arange(len(words) + 1)
     feats = np.arange(4, dtype=np.float16)[:, None].repeat(2, 1)
-    return CaptionBatches(feats, np.arange(4), words, offsets, cap_start, counts, caption_idx, seed)
+    return CaptionBatches(feats, np.arange(4), words, offsets, cap_start, counts, caption_idx, seed,
+                          per_image=per_image)
 
 
 def test_fixed_caption_idx_picks_that_caption_every_epoch():
@@ -58,6 +59,23 @@ def test_negative_caption_idx_draws_a_random_caption_per_image_per_epoch():
     assert {d[0] for d in drawn} == {0, 1, 2} and {d[1] for d in drawn} == {10}
     assert {d[3] for d in drawn} == {30, 31, 32}
     assert len(ds) == 4, "one sample per image per epoch"
+
+
+def test_seq_per_img_three_gives_every_caption_of_an_image_once_per_epoch():
+    ds = batches(caption_idx=-1, per_image=3)
+    assert len(ds) == 12, "three samples per image"
+    epochs = []
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        feats, _, targets, _ = ds.__getitems__(np.arange(12))
+        assert feats[:, 0].tolist() == [0, 1, 2, 3] * 3, "sample i is image i % 4"
+        words = targets[:, 0].view(3, 4).T.tolist()  # image -> its three samples' captions
+        assert sorted(words[0]) == [0, 1, 2] and sorted(words[3]) == [30, 31, 32], "distinct: all three, once"
+        assert words[1] == [10, 10, 10] and sorted(words[2]) in ([20, 20, 21], [20, 21, 21])  # fewer captions: wrap
+        epochs.append(words)
+    assert len({str(w) for w in epochs}) > 1, "a new order each epoch"
+    fixed = batches(caption_idx=1, per_image=2)
+    assert fixed.__getitems__(np.arange(8))[2][:, 0].tolist() == [1, 10, 21, 31, 2, 10, 20, 32]
 
 
 def test_batches_are_padded_to_the_longest_caption_with_start_and_end():

@@ -211,3 +211,13 @@ def test_caption_evaluate_and_serve_pass_it_on(trained, tmp_path, monkeypatch):
                                compose_config("serve", ["no_repeat_ngram_size=1"]))) as client:
         answer = client.post("/api/caption", files={"file": ("a.png", image, "image/png")}).json()
     assert answer["captions"][0]["caption"].split() == blocked
+
+
+def test_unk_is_never_emitted_by_beam_search_or_sampling():
+    """A table whose likeliest word is always <unk>: decoding takes the next best words instead."""
+    unk = {"<start>": {"<unk>": .5, "the": .45, "<end>": .05}, "the": {"<unk>": .5, "cat": .45, "<end>": .05},
+           "cat": {"<unk>": .3, "<end>": .7}}  # without <unk>: "the cat <end>" .142 beats "<end>" .05
+    tokens, _, _ = beam_search(Bigram(unk), torch.zeros(1, 3), 2, 5)
+    assert [WORDS[t] for t in tokens[0, 0].tolist() if t] == ["the", "cat", "<end>"]
+    drawn = sample(Bigram(unk), torch.zeros(500, 3), 6, generator=torch.Generator().manual_seed(0))
+    assert not (drawn == ID["<unk>"]).any() and (drawn == ID["cat"]).any()

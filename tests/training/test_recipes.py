@@ -10,7 +10,7 @@ from captioner.training.module import CaptionModule
 from captioner.run import train
 from captioner.training.scst import baseline_of, caption_nll, policy_loss
 from captioner.utils import CaptionerError
-from captioner.data.vocab import END, PAD, START
+from captioner.data.vocab import END, PAD, START, UNK
 from test_train import scalars
 
 ITOS = ["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(16)]
@@ -131,11 +131,11 @@ def test_scst_samples_follow_the_model_distribution():
     tokens = sample(m, features, max_len=1)
     assert not tokens.requires_grad
     logits, _ = m.step(torch.full((1,), START), m.initial_state(features[:1]))
-    logits[:, [PAD, START]] = float("-inf")
+    logits[:, [PAD, START, UNK]] = float("-inf")
     expected = logits.softmax(-1)[0]
     observed = torch.bincount(tokens[:, 0], minlength=len(ITOS)).float() / len(tokens)
     assert (observed - expected).abs().max() < 0.02
-    assert observed[PAD] == 0 and observed[START] == 0
+    assert observed[PAD] == 0 and observed[START] == 0 and observed[UNK] == 0
     # the teacher-forced re-scoring gives the log-probabilities of the distribution the words were drawn from
     assert torch.allclose(-caption_nll(m, features, tokens)[:, 0], torch.log(expected)[tokens[:, 0]].detach(),
                           atol=1e-5)
@@ -154,7 +154,7 @@ def test_scst_rescoring_equals_the_word_by_word_log_probabilities():
     words, expected = torch.full((12,), START), []
     for t in range(tokens.shape[1]):
         logits, state = m.step(words, state)
-        logits[:, [PAD, START]] = float("-inf")
+        logits[:, [PAD, START, UNK]] = float("-inf")
         expected.append(-logits.log_softmax(-1).gather(1, tokens[:, t:t + 1]).squeeze(1))
         words = tokens[:, t]
     expected = torch.stack(expected, 1).masked_fill(tokens == PAD, 0.0)
