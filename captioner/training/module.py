@@ -57,7 +57,10 @@ class CaptionModule(pl.LightningModule):
         else:
             logits, targets = self.model.logits(hidden).flatten(0, 1), targets.flatten()
         smoothing = self.hparams.label_smoothing if self.training else 0.0  # val/loss stays the plain cross-entropy
-        return F.cross_entropy(logits.float(), targets, ignore_index=PAD, label_smoothing=smoothing), targets
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=PAD, label_smoothing=smoothing)
+        if self.training and self.model.aux_loss is not None:  # the model's own term (CaptionModel.aux_loss)
+            loss = loss + self.model.aux_loss
+        return loss, targets
 
     def training_step(self, batch, batch_idx):
         p = self.sampling_probability()
