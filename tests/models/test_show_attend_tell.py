@@ -63,3 +63,19 @@ def test_the_regulariser_is_the_models_aux_loss_in_training_only():
     model.eval()(grid, words)
     assert model.aux_loss is None  # val/loss stays the plain cross-entropy
     assert make(attention_reg=0.0).train()(grid, words) is not None and model.aux_loss is None
+
+
+def test_the_training_module_adds_the_models_aux_loss_to_its_training_loss_only():
+    from captioner.training.module import CaptionModule
+
+    torch.manual_seed(0)
+    module = CaptionModule(itos=[f"w{i}" for i in range(12)], feature_dim=10, preprocess={},
+                           embeddings={"dim": 8}, model={"name": "show_attend_tell", "hidden_size": 16,
+                                                         "attention_dim": 8, "attention_reg": 3.0})
+    inputs = torch.tensor([[START, 4, 5, 6], [START, 3, PAD, PAD]])
+    targets = torch.tensor([[4, 5, 6, END], [3, END, PAD, PAD]])
+    batch = (torch.randn(2, 6, 10), inputs, targets)
+    train_loss = module.train().loss(batch)[0]
+    aux = module.model.aux_loss
+    assert aux is not None and aux > 0
+    torch.testing.assert_close(train_loss, module.eval().loss(batch)[0] + aux)
