@@ -41,7 +41,7 @@ class CaptionModel(nn.Module):
         raise NotImplementedError
 
     def initial_state(self, features):
-        """Image features [B, feature_dim] -> the decoding state before the first word."""
+        """Image features [B, feature_dim] (grid: [B, N, feature_dim]) -> the decoding state before the first word."""
         raise NotImplementedError
 
     def forward(self, features, inputs, state=None):
