@@ -78,6 +78,10 @@ class CaptionModule(pl.LightningModule):
             # not prog_bar: Lightning converts every progress-bar value to a number after each batch, a device
             # sync per step; the progress bar (monitor.LossProgressBar) reads it only when it refreshes
             logged = loss if self.step_graphs is None else loss.detach().clone()  # replays overwrite a graph output
+            if p == 0 and self.model.aux_loss is not None:  # train/loss stays the cross-entropy, like val/loss
+                aux = self.model.aux_loss.detach().clone()
+                self.log("train/aux_loss", aux)
+                logged = logged.detach() - aux
             self.log("train/loss", logged)
             self.log("train/ppl", logged.exp())
         return loss

@@ -1,5 +1,8 @@
 """Show, Attend and Tell: step-by-step decoding is the teacher-forced pass, attention weights are distributions,
 the doubly stochastic regulariser has the paper's value and reaches the training loss."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -79,3 +82,16 @@ def test_the_training_module_adds_the_models_aux_loss_to_its_training_loss_only(
     aux = module.model.aux_loss
     assert aux is not None and aux > 0
     torch.testing.assert_close(train_loss, module.eval().loss(batch)[0] + aux)
+
+
+@pytest.mark.slow
+def test_a_run_logs_the_cross_entropy_as_train_loss_and_the_regulariser_apart(cfg_factory):
+    from captioner.run import train
+
+    cfg = cfg_factory("model=show_attend_tell", "iterations=2", "hidden_size=16", "embeddings=learned",
+                      "embeddings.dim=8", "batch_size=8", "eval_every=0", "+trainer.limit_val_batches=1",
+                      "trainer.log_every_n_steps=1", "model.attention_reg=100")
+    train(cfg)
+    history = json.loads((Path(cfg.paths.run_dir) / "history.json").read_text())
+    # the vocabulary's cross-entropy is a few nats; the regulariser at lambda=100 is far above it
+    assert history["loss"] and all(0 < x < 10 for x in history["loss"])
