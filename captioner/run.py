@@ -24,7 +24,7 @@ from captioner.checkpoint import (check_same_architecture, check_shapes, init_we
 from captioner.cli import compose_config, one_line, one_line_errors
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.embeddings import load_vectors
-from captioner.models import check_model, model_entry
+from captioner.models import check_model, feature_kind, model_entry
 from captioner.training.module import CaptionModule
 from captioner.training.prepare import prepare, word_vectors
 from captioner.training.scst import SCSTModule
@@ -48,7 +48,7 @@ def check_config(cfg: DictConfig) -> None:
 
 def build(cfg: DictConfig, nlp=None):
     """The prepared data (every cache built or found), its vocabulary, the data module and the model."""
-    prepared = prepare(cfg.data, cfg.encoder, cfg.paths.cache_dir)
+    prepared = prepare(cfg.data, cfg.encoder, cfg.paths.cache_dir, kind=feature_kind(cfg.model.name))
     vocab = prepared.vocabulary(cfg.vocab_size, cfg.get("vocab_min_count"))
     emb, pretrained, has_vector = word_vectors(nlp, vocab, OmegaConf.to_container(cfg.embeddings, resolve=True),
                                                prepared.words["words"])

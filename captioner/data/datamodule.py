@@ -159,10 +159,11 @@ class CaptionDataModule(pl.LightningDataModule):
 
     @property
     def feature_dim(self) -> int:
-        return self.datasets["train"].features.shape[1]
+        return self.datasets["train"].features.shape[-1]  # pooled [n, dim] or grid [n, N, dim]
 
     def val_images(self, max_images=None):
-        """(features [n, dim] float32, image id per row) of the first `max_images` validation images."""
+        """(features [n, dim] or grid [n, N, dim] float32, image id per row) of the first `max_images` validation
+        images."""
         ds = self.datasets["val"]
         n = len(ds) if max_images is None else min(max_images, len(ds))
         return ds.__getitems__(np.arange(n))[0], ds.image_ids[:n]

@@ -1,4 +1,5 @@
-"""Pretrained CNN encoders: an image batch in, one feature vector per image out (global average pooling)."""
+"""Pretrained CNN encoders: an image batch in, one feature vector per image out (global average pooling), or with
+`grid` the last feature map's H*W vectors per image, [B, N, D] (attention models: feature_kind "grid")."""
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,13 +13,31 @@ from captioner.utils import CaptionerError
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
+def as_grid(y):
+    """A feature map [B, D, H, W] as N = H*W vectors [B, N, D] (row-major over the map); a ViT's tokens [B, N, D]
+    pass as they are. On a channels-last map the flatten and transpose copy nothing."""
+    return y.flatten(2).transpose(1, 2) if y.dim() == 4 else y
+
+
 class EfficientNetLiteFeatures(nn.Module):
-    def __init__(self, net):
+    def __init__(self, net, grid=False):
         super().__init__()
-        self.net = net
+        self.net, self.grid = net, grid
 
     def forward(self, x):
-        return self.net.extract_features(x).mean((2, 3))
+        y = self.net.extract_features(x)
+        return as_grid(y) if self.grid else y.mean((2, 3))
+
+
+class GridFeatures(nn.Module):
+    """`body`'s unpooled output as grid vectors (as_grid)."""
+
+    def __init__(self, body):
+        super().__init__()
+        self.body = body
+
+    def forward(self, x):
+        return as_grid(self.body(x))
 
 
 def _efficientnet_lite0(weights):
@@ -64,7 +83,7 @@ def _resnet(name, weights):
     return net
 
 
-def _timm(name, weights, build=True):
+def _timm(name, weights, build=True, grid=False):
     try:
         import timm
     except ImportError:
@@ -76,8 +95,10 @@ def _timm(name, weights, build=True):
                              f"(timm.list_models() lists them).")
     if not build:
         return None
-    # num_classes=0: timm's pooled features; a local file goes through timm's own loader (pretrained_cfg file)
+    # num_classes=0: timm's pooled features (global_pool="": unpooled); a local file goes through timm's own loader
     local = {"pretrained_cfg_overlay": {"file": str(weights)}} if weights is not None else {}
+    if grid:
+        local["global_pool"] = ""
     if weights is not None and not Path(weights).is_file():
         raise CaptionerError(f"Encoder weights file {weights} does not exist (encoder.weights).")
     try:
@@ -109,15 +130,21 @@ def _load_weights(path):
                              f"({type(e).__name__}).") from None
 
 
-def build_encoder(cfg) -> nn.Module:
-    """The frozen CNN named by the `encoder` config group, in eval mode."""
+def build_encoder(cfg, grid=False) -> nn.Module:
+    """The frozen CNN named by the `encoder` config group, in eval mode: pooled features [B, D], or with `grid` its
+    last feature map [B, N, D] (the same forward, less the pooling)."""
     name = cfg.name
     if name == "efficientnet_lite0":
         net = _efficientnet_lite0(cfg.get("weights"))
+        net.grid = grid
     elif name in RESNETS:
         net = _resnet(name, cfg.get("weights"))
+        if grid:  # every layer up to, not including, the average pooling and the (removed) classifier
+            net = GridFeatures(nn.Sequential(*list(net.children())[:-2]))
     else:
-        net = _timm(name, cfg.get("weights"))
+        net = _timm(name, cfg.get("weights"), grid=grid)
+        if grid:
+            net = GridFeatures(net)
     return net.eval().requires_grad_(False)
 
 

@@ -1,7 +1,8 @@
 """Image features: run the frozen CNN once over every image of a split and cache the result on disk.
 
 Cache layout (one folder per dataset split + encoder + preprocessing, so a changed setting never reuses it):
-    <cache_dir>/features/<key>/features.npy   float16 (n_images, dim), memory-mapped when read
+    <cache_dir>/features/<key>/features.npy   float16 (n_images, dim), or (n_images, N, dim) for grid features
+                                              (<key> then says grid), memory-mapped when read
     <cache_dir>/features/<key>/image_ids.npy  int64, the row order
     <cache_dir>/features/<key>/meta.json      what produced it
     <cache_dir>/features/<key>/skipped.txt    unreadable images, one per line with the reason
@@ -78,14 +79,26 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
-def preprocess_spec(encoder_cfg, image_size=None) -> dict:
+def preprocess_spec(encoder_cfg, image_size=None, kind="pooled") -> dict:
     """Everything needed to turn an image into encoder input; saved with features and in checkpoints.
-    Size, mean, std and interpolation are the encoder's own (timm models: timm's config); `image_size` overrides."""
+    Size, mean, std and interpolation are the encoder's own (timm models: timm's config); `image_size` overrides.
+    `kind` "grid" (a model's feature_kind) adds features: grid; pooled specs keep their old keys and caches."""
     own = encoder_preprocessing(encoder_cfg)
-    return {"encoder": encoder_cfg.name,
+    spec = {"encoder": encoder_cfg.name,
             "weights": str(encoder_cfg.weights) if encoder_cfg.get("weights") else "default",
             "image_size": int(image_size or own["image_size"]), "mean": own["mean"], "std": own["std"],
             "interpolation": own["interpolation"]}
+    return with_kind(spec, kind)
+
+
+def with_kind(spec: dict, kind: str) -> dict:
+    """`spec` for features of `kind` ("pooled" or "grid")."""
+    spec = {k: v for k, v in spec.items() if k != "features"}
+    return {**spec, "features": "grid"} if kind == "grid" else spec
+
+
+def is_grid(spec: dict) -> bool:
+    return spec.get("features") == "grid"
 
 
 def feature_dir(cache_dir, split: CaptionSplit, spec: dict) -> Path:
@@ -97,40 +110,42 @@ def feature_dir(cache_dir, split: CaptionSplit, spec: dict) -> Path:
         spec = {**spec, "weights": file_fingerprint(weights, cache_dir)}
     key = cache_key({"spec": spec, "annotations": file_fingerprint(split.annotation_file, cache_dir),
                      "images": files_fingerprint(split.image_dir, split.files), "split": split.name})
-    return Path(cache_dir) / "features" / f"{split.name}-{spec['encoder']}-{key}"
+    return Path(cache_dir) / "features" / f"{split.name}-{spec['encoder']}{'-grid' if is_grid(spec) else ''}-{key}"
 
 
 def load_features(folder: Path):
-    """(features memmap float16 [n, dim], image_ids int64 [n])."""
+    """(features memmap float16 [n, dim] or [n, N, dim], image_ids int64 [n])."""
     return np.load(folder / "features.npy", mmap_mode="r"), np.load(folder / "image_ids.npy")
 
 
 def _compact(src: np.ndarray, keep: np.ndarray, path: Path, rows=16384):
     """Write src[keep] to a new .npy a slice at a time, so a COCO-sized array never has to fit in memory."""
-    out = _feature_file(path, len(keep), src.shape[1], f"Leaving out unreadable images from {path.parent}")
+    out = _feature_file(path, len(keep), src.shape[1:], f"Leaving out unreadable images from {path.parent}")
     for s in range(0, len(keep), rows):
         out[s:s + rows] = src[keep[s:s + rows]]
     out.flush()
 
 
 def extract_split(split: CaptionSplit, encoder_cfg, cache_dir, image_size=None, batch_size=64,
-                  num_workers=2, device=None, encoder=None, spec=None, gpu_decode=None, before_publish=None) -> Path:
+                  num_workers=2, device=None, encoder=None, spec=None, gpu_decode=None, before_publish=None,
+                  kind="pooled") -> Path:
     """Extract (or find cached) features for one split; returns the cache folder. `spec` (a checkpoint's
-    preprocessing) replaces encoder_cfg + image_size; `gpu_decode` (default: on CUDA) decodes JPEGs on the device.
+    preprocessing, its feature kind included) replaces encoder_cfg + image_size + kind ("pooled" or "grid", the
+    model's feature_kind); `gpu_decode` (default: on CUDA) decodes JPEGs on the device.
     `before_publish()` may refuse the features (it raises), e.g. when the dataset was rebuilt meanwhile."""
-    spec = spec or preprocess_spec(encoder_cfg, image_size)
+    spec = spec or preprocess_spec(encoder_cfg, image_size, kind)
     out = feature_dir(cache_dir, split, spec)
     return cached_dir(out, lambda tmp: _extract(split, spec, encoder_cfg, tmp, batch_size, num_workers, device,
                                                  encoder, gpu_decode), marker="meta.json",
                       before_publish=before_publish)
 
 
-def _feature_file(path: Path, n: int, dim: int, what: str):
-    """The memory-mapped float16 [n, dim] file, its disk space reserved first: a full disk under a memory map
+def _feature_file(path: Path, n: int, shape: tuple, what: str):
+    """The memory-mapped float16 [n, *shape] file, its disk space reserved first: a full disk under a memory map
     kills the process (SIGBUS) with no message, so it must fail here, as one sentence."""
-    needed = n * dim * 2 + 4096  # float16 rows and the .npy header
+    needed = n * int(np.prod(shape)) * 2 + 4096  # float16 rows and the .npy header
     check_free_space(path.parent, needed, what)
-    out = np.lib.format.open_memmap(path, "w+", np.float16, (n, dim))
+    out = np.lib.format.open_memmap(path, "w+", np.float16, (n, *shape))
     try:
         with write_errors(path), open(path, "r+b") as f:
             os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
@@ -147,7 +162,7 @@ def _extract(split, spec, encoder_cfg, tmp, batch_size, num_workers, device, enc
              split.image_dir, out)
     # channels-last: the faster convolution kernels on both devices (CPU: 1.2-1.5x for EfficientNet-Lite0); the
     # features differ from the contiguous path by one float16 step at most (2e-3), so the cache key stays
-    encoder = (encoder or build_encoder(encoder_cfg)).to(device, memory_format=torch.channels_last)
+    encoder = (encoder or build_encoder(encoder_cfg, grid=is_grid(spec))).to(device, memory_format=torch.channels_last)
     cuda = device.type == "cuda"
     threads = torch.get_num_threads()
     if not cuda:  # decode workers competing with the forward's threads for the cores slow it (2 cores: 1.4-1.7x)
@@ -177,8 +192,8 @@ def _extract(split, spec, encoder_cfg, tmp, batch_size, num_workers, device, enc
             with torch.autocast(device.type, torch.bfloat16, enabled=cuda):
                 y = encoder(x).float()
             if feats is None:
-                feats = _feature_file(tmp / "all.npy", len(files), y.shape[1],
-                                      f"Extracting {split.name} features ({len(files)} images x {y.shape[1]})")
+                feats = _feature_file(tmp / "all.npy", len(files), y.shape[1:], f"Extracting {split.name} "
+                                      f"features ({len(files)} images x {' x '.join(map(str, y.shape[1:]))})")
             feats[idx.numpy()] = y.cpu().numpy().astype(np.float16)
             for i, e in zip(idx.tolist(), err):
                 if e:

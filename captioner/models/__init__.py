@@ -33,6 +33,13 @@ def build_model(name: str, feature_dim: int, vocab_size: int, embedding: WordEmb
     return model
 
 
+def feature_kind(name: str) -> str:
+    """"pooled" or "grid": the features the registered model `name` takes (what a run extracts for it)."""
+    if name not in MODELS:
+        raise CaptionerError(f"model={name} is not one of {', '.join(sorted(MODELS))}.")
+    return MODELS[name].feature_kind
+
+
 def make_model(cfg: dict, feature_dim: int, vocab_size: int, embedding: WordEmbedding) -> CaptionModel:
     """A model from a `model/` config (with its `_target_`) or a checkpoint's entry (name and arguments only)."""
     cfg = {"_target_": f"{__name__}.build_model", **cfg}

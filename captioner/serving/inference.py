@@ -11,6 +11,7 @@ from PIL import Image
 from captioner.checkpoint import check_device, load_checkpoint, resolve_checkpoint
 from captioner.data.vocab import Vocabulary
 from captioner.features.encoders import build_encoder, preprocessing
+from captioner.features.extraction import with_kind
 from captioner.models import load_model, model_entry
 from captioner.models.decoding import captions
 from captioner.utils import CaptionerError, to_rgb
@@ -27,13 +28,16 @@ class Captioner:
         self.model = load_model(ckpt, self.ckpt_path).to(self.device)  # the model alone: no training code
         self.hparams = ckpt["hyper_parameters"]
         self.vocab = Vocabulary(self.hparams["itos"])
-        pre = self.preprocess = dict(self.hparams["preprocess"])
+        # the model's class says which features it takes (pooled or grid), and so which ones to extract
+        kind = self.model.feature_kind
+        pre = self.preprocess = with_kind(dict(self.hparams["preprocess"]), kind)
         missing = [k for k in ("encoder", "weights", "image_size", "mean", "std") if k not in pre]
         if missing:  # a KeyError otherwise
             raise CaptionerError(f"{self.ckpt_path} has no preprocess.{missing[0]} (the encoder settings it was "
                                  f"trained with); it is damaged or not written by captioner.run.")
         weights = None if pre["weights"] == "default" else pre["weights"]
-        self.encoder = build_encoder(OmegaConf.create({"name": pre["encoder"], "weights": weights})).to(self.device)
+        self.encoder = build_encoder(OmegaConf.create({"name": pre["encoder"], "weights": weights}),
+                                     grid=kind == "grid").to(self.device)
         self.transform = preprocessing(pre["image_size"], pre["mean"], pre["std"], pre.get("interpolation", "bilinear"))
         self.autocast = dict(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
@@ -51,7 +55,7 @@ class Captioner:
 
     @torch.no_grad()
     def features(self, images) -> torch.Tensor:
-        """PIL images (any mode), or their encoder_input tensors -> encoder features [n, dim]."""
+        """PIL images (any mode), or their encoder_input tensors -> encoder features [n, dim] (grid: [n, N, dim])."""
         x = torch.stack([im if isinstance(im, torch.Tensor) else self.encoder_input(im) for im in images])
         with torch.autocast(**self.autocast):
             return self.encoder(x.to(self.device)).float()

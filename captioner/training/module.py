@@ -57,7 +57,10 @@ class CaptionModule(pl.LightningModule):
         else:
             logits, targets = self.model.logits(hidden).flatten(0, 1), targets.flatten()
         smoothing = self.hparams.label_smoothing if self.training else 0.0  # val/loss stays the plain cross-entropy
-        return F.cross_entropy(logits.float(), targets, ignore_index=PAD, label_smoothing=smoothing), targets
+        loss = F.cross_entropy(logits.float(), targets, ignore_index=PAD, label_smoothing=smoothing)
+        if self.training and self.model.aux_loss is not None:  # the model's own term (CaptionModel.aux_loss)
+            loss = loss + self.model.aux_loss
+        return loss, targets
 
     def training_step(self, batch, batch_idx):
         p = self.sampling_probability()
@@ -75,6 +78,10 @@ class CaptionModule(pl.LightningModule):
             # not prog_bar: Lightning converts every progress-bar value to a number after each batch, a device
             # sync per step; the progress bar (monitor.LossProgressBar) reads it only when it refreshes
             logged = loss if self.step_graphs is None else loss.detach().clone()  # replays overwrite a graph output
+            if p == 0 and self.model.aux_loss is not None:  # train/loss stays the cross-entropy, like val/loss
+                aux = self.model.aux_loss.detach().clone()
+                self.log("train/aux_loss", aux)
+                logged = logged.detach() - aux
             self.log("train/loss", logged)
             self.log("train/ppl", logged.exp())
         return loss

@@ -44,10 +44,11 @@ def read_splits(data):
     return load_splits(data.root, data.splits, data.get("split_file")), unchanged
 
 
-def split_features(split: CaptionSplit, encoder, cache_dir, image_size=None, unchanged=None):
-    """(features float16 [n, dim] memory-mapped, image id per row) of a split, extracting them once (logged)."""
+def split_features(split: CaptionSplit, encoder, cache_dir, image_size=None, unchanged=None, kind="pooled"):
+    """(features float16 [n, dim] or grid [n, N, dim] memory-mapped, image id per row) of a split, extracting them
+    once (logged)."""
     folder = extract_split(split, encoder, cache_dir, image_size, encoder.batch_size, encoder.num_workers,
-                           before_publish=unchanged)
+                           before_publish=unchanged, kind=kind)
     return load_features(folder)
 
 
@@ -60,7 +61,7 @@ class Prepared:
 
     @property
     def feature_dim(self) -> int:
-        return int(self.features["train"][0].shape[1])
+        return int(self.features["train"][0].shape[-1])
 
     @property
     def words(self) -> dict:
@@ -93,16 +94,17 @@ class Prepared:
         return out
 
 
-def prepare(data, encoder, cache_dir, roles=None) -> Prepared:
+def prepare(data, encoder, cache_dir, roles=None, kind="pooled") -> Prepared:
     """Build (or find) every cache that training on `data` with `encoder` needs: the dataset itself when it is
-    generated, the tokens of all its splits, and the features of the splits in `roles` (default: all)."""
+    generated, the tokens of all its splits, and the features (of `kind`, the model's feature_kind: "pooled" or
+    "grid") of the splits in `roles` (default: all)."""
     splits, unchanged = read_splits(data)
     tokens = build_tokens(splits, cache_dir, data.lowercase, data.drop_punct,
                           max_words=data.get("max_words", MAX_WORDS), before_publish=unchanged)
     roles = list(splits) if roles is None else roles
-    features = {role: split_features(splits[role], encoder, cache_dir, data.get("image_size"), unchanged)
+    features = {role: split_features(splits[role], encoder, cache_dir, data.get("image_size"), unchanged, kind)
                 for role in roles}
-    return Prepared(splits, features, tokens, preprocess_spec(encoder, data.get("image_size")))
+    return Prepared(splits, features, tokens, preprocess_spec(encoder, data.get("image_size"), kind))
 
 
 def word_vectors(nlp, vocab: Vocabulary, embeddings: dict, words=None):

@@ -61,7 +61,7 @@ def _specials_bias(vocab_size: int, device):
 
 
 def caption_nll(model, features, tokens, real_only=None):
-    """-log p of each token of sampled captions [N, T] (0 at <pad>) of the images `features` [N, dim], under the
+    """-log p of each token of sampled captions [N, T] (0 at <pad>) of the images `features` [N, ...], under the
     distribution they were sampled from, in one teacher-forced pass of the RNN over all N captions: the policy
     gradient's only pass with autograd, and its output layer runs once over the whole batch instead of once per
     word. With dropout, its masks are drawn anew here. `real_only` (default: on a CPU) runs the output layer on the
