@@ -25,6 +25,7 @@ class CaptionModel(nn.Module):
     of the vocabulary in; next-word scores over vocab_size words out. The decoding state is a tensor or a tuple of
     tensors whose dimension `state_batch_dim` runs over the batch (override the two state methods otherwise)."""
     state_batch_dim = 1  # an RNN's (layers, batch, hidden)
+    feature_kind = "pooled"  # "pooled": features [B, D]; "grid": the feature map's vectors [B, N, D]
 
     @property
     def vocab_size(self) -> int:
@@ -45,6 +46,11 @@ class CaptionModel(nn.Module):
     def step(self, words, state):
         """One decoding step: previous words [B] and the state -> next-word scores [B, vocab_size], the new state."""
         raise NotImplementedError
+
+    def attention_maps(self, features, inputs):
+        """Teacher-forced over input words [B, T] (<start> first): where each word looked, [B, T, N] rows summing
+        to one over the N grid vectors; None for a model without attention."""
+        return None
 
     def reorder_state(self, state, index):
         """Beam search: keep/copy the batch rows `index` of the state."""
