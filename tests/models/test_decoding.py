@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from captioner.models.decoding import NEG, beam_search, captions, sample
 from captioner.models.show_and_tell import ShowAndTell, WordEmbedding
-from captioner.data.vocab import END, PAD, START
+from captioner.data.vocab import END, PAD, START, UNK
 
 
 @torch.no_grad()
@@ -28,6 +28,7 @@ def plain_beam_search(model, features, beam_size=3, max_len=20, length_penalty=0
         logp = F.log_softmax(logits.float(), -1)
         logp[:, PAD] = NEG
         logp[:, START] = NEG
+        logp[:, UNK] = NEG  # never emitted
         logp = logp.view(B, k, -1)
         logp = torch.where(done[..., None], torch.full_like(logp, NEG), logp)
         logp[..., PAD] = torch.where(done, 0.0, NEG)

@@ -3,7 +3,7 @@ import torch
 
 from captioner.models.decoding import beam_search, sample
 from captioner.models.show_and_tell import ShowAndTell, WordEmbedding
-from captioner.data.vocab import END, PAD, START
+from captioner.data.vocab import END, PAD, START, UNK
 
 
 def make_model(rnn_type="lstm", num_layers=1, vocab=12, feat=10, hidden=16, **emb):
@@ -118,7 +118,7 @@ def test_temperature_and_top_k_shape_the_sampled_distribution(temperature, top_k
     tokens = sample(model, features, 1, temperature, top_k, torch.Generator().manual_seed(0))[:, 0]
     with torch.no_grad():
         logits, _ = model.step(torch.full((1,), START), model.initial_state(features[:1]))
-    logits[:, [PAD, START]] = float("-inf")
+    logits[:, [PAD, START, UNK]] = float("-inf")
     if top_k:
         logits[logits < logits.topk(top_k).values[:, -1:]] = float("-inf")
     expected = (logits / temperature).softmax(-1)[0]

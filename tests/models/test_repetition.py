@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from captioner.caption import main as caption_main
 from captioner.evaluate import main as evaluate_main
 from captioner.models.base import CaptionModel
-from captioner.data.vocab import END, PAD, START
+from captioner.data.vocab import END, PAD, START, UNK
 from captioner.models.decoding import NEG, beam_search, block_repeats, sample
 from captioner.models.show_and_tell import ShowAndTell, WordEmbedding
 
@@ -139,6 +139,7 @@ def plain_blocked_beam_search(model, features, k, max_len, n):
         logits, state = model.step(words, state)
         logp = F.log_softmax(logits.float(), -1)
         logp[:, :START + 1] = NEG
+        logp[:, UNK] = NEG  # never emitted
         for row, seq in enumerate(seqs.view(B * k, -1).tolist()):
             for i in range(len(seq) - n + 1):
                 if seq[i:i + n - 1] == seq[len(seq) - n + 1:]:
