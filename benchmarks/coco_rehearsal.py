@@ -258,7 +258,7 @@ def main():
         "captioner.evaluate", f"ckpt_path={out}/run/checkpoints/last.ckpt", "data=karpathy_coco", f"data.root={root}",
         f"paths.cache_dir={a.cache_dir.resolve()}", "split=test", "beam_size=3", f"batch_size={a.eval_batch}",
         "spice=false", f"output_dir={out}/eval", f"extract.num_workers={a.workers}"], out, a.timeout))
-    report = json.loads((out / "eval" / "karpathy_coco-test-last-beam3-len20-metrics.json").read_text())
+    report = json.loads((out / "eval" / "karpathy_coco-test-last-beam3-len20-nr2-metrics.json").read_text())
     figures["stages"]["evaluate"].update(images=report["images"], **{f"{k}_seconds": v for k, v in
                                                                      report["seconds"].items()},
                                          images_per_s=round(report["images"] / report["seconds"]["decoding"]),

@@ -152,9 +152,10 @@ def decode_options(cfg) -> dict:
 
 @torch.no_grad()
 def captions(model: CaptionModel, vocab, features, beam_size=3, max_len=20, n_best=1, length_penalty=0.0,
-             temperature=None, top_k=0, seed=None, no_repeat_ngram_size=0):
+             temperature=None, top_k=0, seed=None, no_repeat_ngram_size=2):
     """Features [B, dim] (grid models: [B, N, dim]) -> one list of (caption, probability) per image, probabilities
-    normalised over that list; with `temperature` set, one sampled caption per image instead of beam search."""
+    normalised over that list; with `temperature` set, one sampled caption per image instead of beam search. The
+    defaults are conf/decode/beam.yaml's, so the Python API captions as the commands do."""
     if temperature is not None:
         g = torch.Generator(features.device).manual_seed(seed) if seed is not None else None
         tokens = sample(model, features, max_len, temperature, top_k, g, no_repeat_ngram_size=no_repeat_ngram_size)

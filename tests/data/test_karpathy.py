@@ -65,8 +65,8 @@ def test_download_run_evaluate_karpathy_test(tmp_path, server, monkeypatch, capl
     assert "Evaluating on karpathy_coco at " in done.stderr
     assert "Extracting efficientnet_lite0 features for 6 images" in done.stderr  # test was not extracted in training
     eval_dir = ckpt.parents[1] / "eval"
-    report = json.loads((eval_dir / "karpathy_coco-test-last-beam2-len20-metrics.json").read_text())
-    results = json.loads((eval_dir / "karpathy_coco-test-last-beam2-len20-results.json").read_text())
+    report = json.loads((eval_dir / "karpathy_coco-test-last-beam2-len20-nr2-metrics.json").read_text())
+    results = json.loads((eval_dir / "karpathy_coco-test-last-beam2-len20-nr2-results.json").read_text())
     assert report["split"] == "test" and report["images"] == len(results) == SPLITS["test"]
     assert {"Bleu_4", "ROUGE_L", "CIDEr"} <= set(report["metrics"]) and "CIDEr\t" in done.stdout
     assert set(report["seconds"]) == {"features", "decoding", "scoring"}
@@ -77,4 +77,4 @@ def test_download_run_evaluate_karpathy_test(tmp_path, server, monkeypatch, capl
     caplog.set_level(logging.INFO)
     main([f"ckpt_path={ckpt}", "data=karpathy_coco", "split=val"])  # in-process: no second start-up
     assert not [r for r in caplog.records if r.getMessage().startswith("Extracting")]  # training's val features
-    assert json.loads((eval_dir / "karpathy_coco-val-last-beam3-len20-metrics.json").read_text())["images"] == SPLITS["val"]
+    assert json.loads((eval_dir / "karpathy_coco-val-last-beam3-len20-nr2-metrics.json").read_text())["images"] == SPLITS["val"]

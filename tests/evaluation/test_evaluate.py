@@ -128,8 +128,8 @@ def test_cli_captions_a_split_and_scores_it(trained, tmp_path, capsys):
     main([f"ckpt_path={trained['ckpt']}", "data=coco", f"data.root={root}", "split=val2017", "beam_size=2",
           f"paths.data_dir={trained['cfg'].paths.data_dir}"])  # its cache: the features training extracted
     eval_dir = trained["run_dir"] / "eval"
-    report = json.loads((eval_dir / "coco-val2017-last-beam2-len20-metrics.json").read_text())
-    results = json.loads((eval_dir / "coco-val2017-last-beam2-len20-results.json").read_text())
+    report = json.loads((eval_dir / "coco-val2017-last-beam2-len20-nr2-metrics.json").read_text())
+    results = json.loads((eval_dir / "coco-val2017-last-beam2-len20-nr2-results.json").read_text())
     assert report["images"] == len(results) == len(load_split(root, "val2017").image_ids)
     assert all(isinstance(r["image_id"], int) and isinstance(r["caption"], str) for r in results)
     assert report["decode"]["beam_size"] == 2

@@ -66,7 +66,7 @@ def test_evaluate_writes_its_samples_page_beside_its_results(trained, tmp_path):
     root = trained["cfg"].data.root
     main([f"ckpt_path={trained['ckpt']}", "data=coco", f"data.root={root}", "split=val2017", "max_images=6",
           "spice=false", f"output_dir={tmp_path}", f"paths.data_dir={trained['cfg'].paths.data_dir}"])
-    stem = "coco-val2017-last-beam3-len20"
+    stem = "coco-val2017-last-beam3-len20-nr2"
     report = json.loads((tmp_path / f"{stem}-metrics.json").read_text())
     page = (tmp_path / f"{stem}-samples.html").read_text()
     assert report["samples"] == str(tmp_path / f"{stem}-samples.html")

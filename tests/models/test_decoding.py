@@ -98,10 +98,10 @@ def test_validation_captions_decode_as_the_decode_group_says(cfg_factory, traine
     monitor = lambda *o: next(c for c in build_callbacks(cfg_factory(*o), False)  # noqa: E731
                               if isinstance(c, CaptionMonitor))
     assert monitor().decode == dict(beam_size=3, max_len=20, length_penalty=0.0, temperature=None, top_k=0, seed=0,
-                                   no_repeat_ngram_size=0)
-    sampled = monitor("decode=sample", "top_k=3", "seed=7", "no_repeat_ngram_size=2").decode
+                                   no_repeat_ngram_size=2)
+    sampled = monitor("decode=sample", "top_k=3", "seed=7", "no_repeat_ngram_size=0").decode
     assert (sampled["temperature"], sampled["top_k"], sampled["seed"]) == (1.0, 3, 7)
-    assert sampled["no_repeat_ngram_size"] == 2
+    assert sampled["no_repeat_ngram_size"] == 0
     captioner = Captioner(trained["ckpt"], "cpu")
     feats = torch.randn(4, captioner.model.init_hidden.in_features, generator=torch.Generator().manual_seed(0))
     first = captions(captioner.model, captioner.vocab, feats, **sampled)

@@ -118,8 +118,8 @@ def test_evaluations_with_other_decoding_keep_their_own_files(trained, tmp_path)
               f"beam_size={beam}", "spice=false", f"output_dir={tmp_path}",
               f"paths.data_dir={trained['cfg'].paths.data_dir}"])
     names = sorted(p.name for p in tmp_path.glob("*.json"))
-    assert names == ["coco-val2017-last-beam1-len20-metrics.json", "coco-val2017-last-beam1-len20-results.json",
-                     "coco-val2017-last-beam2-len20-metrics.json", "coco-val2017-last-beam2-len20-results.json"]
+    assert names == ["coco-val2017-last-beam1-len20-nr2-metrics.json", "coco-val2017-last-beam1-len20-nr2-results.json",
+                     "coco-val2017-last-beam2-len20-nr2-metrics.json", "coco-val2017-last-beam2-len20-nr2-results.json"]
 
 
 @pytest.mark.slow  # a training process, interrupted

@@ -47,4 +47,4 @@ def test_rehearsal_at_one_hundredth_prepares_then_runs_extract_train_evaluate(tm
     assert stages["train"]["train_images"] == 1133 and 0 < stages["train"]["fit_seconds"] < stages["train"]["seconds"]
     assert stages["evaluate"]["images"] == 50 and stages["evaluate"]["decoding_seconds"] > 0
     assert "CIDEr" in stages["evaluate"]["metrics"] and figures["peak_host_rss_mib"] > 100
-    assert (root2 / "out" / "eval" / "karpathy_coco-test-last-beam3-len20-results.json").is_file()
+    assert (root2 / "out" / "eval" / "karpathy_coco-test-last-beam3-len20-nr2-results.json").is_file()
