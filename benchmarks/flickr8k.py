@@ -1,7 +1,8 @@
 """Flickr8k end to end: features (cached), cross-entropy (experiment=flickr8k), SCST (experiment=flickr8k_scst from
 the XE run's best checkpoint), then both checkpoints evaluated on all 1,000 val images with the default decoding.
 
-    python benchmarks/flickr8k.py --root ../shared/datasets/flickr8k [--data-dir data] [key=value ...]
+    python -m captioner.download data=flickr8k        # once: data/flickr8k/images and dataset_flickr8k.json
+    python benchmarks/flickr8k.py [--root data/flickr8k] [--data-dir data] [key=value ...]
 
 Overrides go to both training stages (e.g. `trainer=gpu`). Each stage runs in this process (Hydra's compose,
 captioner.run.train, captioner.evaluate), so the figures are those a user gets from the three commands. Besides
@@ -55,12 +56,15 @@ def repeats_a_pair(caption: str) -> bool:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--root", default="../shared/datasets/flickr8k", help="the folder holding images/ and "
-                   "dataset_flickr8k.json")
+    p.add_argument("--root", default="data/flickr8k", help="the folder holding images/ and dataset_flickr8k.json "
+                   "(where captioner.download puts them)")
     p.add_argument("--data-dir", default="data", help="where caches live (paths.data_dir)")
     p.add_argument("--work", default="outputs/benchmarks/flickr8k", help="run folders of the two stages")
     a, user = p.parse_known_args()
     root, work = Path(a.root).resolve() / "images", Path(a.work).resolve() / time.strftime("%Y%m%d-%H%M%S")
+    if not (root.is_dir() and (root.parent / "dataset_flickr8k.json").is_file()):
+        sys.exit(f"{root.parent} does not hold images/ and dataset_flickr8k.json; run `python -m captioner.download "
+                 f"data=flickr8k` first, or pass --root <a copy>.")
     common = [f"data.root={root}", f"paths.data_dir={a.data_dir}"]
     out = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()}"
            " threads)"}
