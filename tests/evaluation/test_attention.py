@@ -1,6 +1,7 @@
 """Attention maps people can look at: `caption attention=true` writes <stem>.attention.png (the image, then one panel
 per word), the server answers the maps, TensorBoard's validation samples include the figure; a pooled model says in
 one sentence that it has none. Tiny real trainings of both attention models on the smoke shapes."""
+import io
 import json
 import math
 import shutil
@@ -11,8 +12,9 @@ import pytest
 from PIL import Image
 
 from captioner.caption import main as caption_main
-from captioner.evaluation.attention import COLUMNS, DPI, PANEL, attention_figure
+from captioner.evaluation.attention import COLUMNS, DPI, PANEL, attention_figure, figure_png
 from captioner.serving.inference import Captioner
+from captioner.utils import CaptionerError
 from conftest import make_cfg
 
 TINY = {"show_attend_tell": ["model.attention_dim=16"],
@@ -37,6 +39,20 @@ def panels(words: int) -> tuple:
     """(columns, rows) of a figure for a caption of `words` words: the image, each word and <end>."""
     n = words + 2
     return min(COLUMNS, n), math.ceil(n / min(COLUMNS, n))
+
+
+def test_the_figure_is_the_image_then_each_words_row_as_a_grid_over_it():
+    rows = np.random.default_rng(0).random((4, 9))
+    rows /= rows.sum(1, keepdims=True)
+    fig = attention_figure(Image.new("RGB", (90, 60)), "two red squares", rows)
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(drawn) == 5 and [ax.get_title() for ax in drawn] == ["", "two", "red", "squares", "<end>"]
+    np.testing.assert_array_equal(np.stack([ax.images[1].get_array() for ax in drawn[1:]]), rows.reshape(4, 3, 3))
+    assert tuple(drawn[1].images[1].get_extent()) == (0, 90, 60, 0)  # stretched over the whole image, as the encoder saw it
+    with Image.open(io.BytesIO(figure_png(fig))) as im:
+        assert im.size == (5 * PANEL * DPI, PANEL * DPI)
+    with pytest.raises(CaptionerError, match="square grid"):
+        attention_figure(Image.new("RGB", (9, 9)), "two", rows[:2, :8])
 
 
 @pytest.mark.slow
