@@ -124,3 +124,48 @@ def test_a_pooled_model_says_it_has_no_attention_in_one_sentence(trained, tmp_pa
     message = str(exit_.value.code)
     assert message.startswith("error: attention=true needs a model with attention") and "show_and_tell" in message
     assert "\n" not in message and not list(image.parent.glob("*.attention.png"))
+
+
+@pytest.mark.slow
+def test_the_page_draws_each_words_map_under_each_caption_in_a_real_browser(attention_run):
+    import os
+    import threading
+    import time
+
+    import uvicorn
+
+    from captioner.cli import compose_config
+    from captioner.serve import create_app
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright")
+    chromium = os.environ.get("CAPTIONER_CHROMIUM", "/usr/bin/chromium")
+    if not os.access(chromium, os.X_OK):
+        pytest.skip(f"no browser at {chromium} (apt-get install chromium, or set CAPTIONER_CHROMIUM)")
+    app = create_app(Captioner(attention_run["ckpt"], "cpu"), compose_config("serve", []))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive()
+        time.sleep(0.05)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/"
+    image = sorted(Path(attention_run["cfg"].data.root, "val2017").glob("*.png"))[0]
+    try:
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"])
+            page = browser.new_page()
+            page.goto(url)
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector("#captions li .attention canvas", timeout=60_000)
+            first = page.locator("#captions li").first
+            words = first.locator(".caption").text_content().split() + ["<end>"]
+            assert first.locator(".attention figcaption").all_text_contents() == words
+            assert page.locator("#captions li").count() == page.locator("#captions li .attention").count() == 3
+            # the canvas holds the image under the map, not a blank square
+            assert page.evaluate("""() => { const c = document.querySelector('.attention canvas');
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                return new Set(d).size; }""") > 10
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
