@@ -28,13 +28,19 @@ def compose(name, overrides):
         return hydra_compose(name, overrides=overrides)
 
 
-def train(run_dir, overrides) -> float:
-    """-> training minutes (features extracted beforehand are not counted)."""
+def train(run_dir, overrides) -> tuple:
+    """-> (minutes extracting features, minutes training): the features (pooled or grid, as the model takes) are
+    built or found first, so the training minutes are the same kind of figure for every model."""
+    from captioner.models import feature_kind
     from captioner.run import train as run_train
+    from captioner.training.prepare import prepare
 
+    cfg = compose("config", [f"paths.run_dir={run_dir}", "trainer.enable_model_summary=false", *overrides])
     start = time.perf_counter()
-    run_train(compose("config", [f"paths.run_dir={run_dir}", "trainer.enable_model_summary=false", *overrides]))
-    return (time.perf_counter() - start) / 60
+    prepare(cfg.data, cfg.encoder, cfg.paths.cache_dir, kind=feature_kind(cfg.model.name))
+    features = time.perf_counter()
+    run_train(cfg)
+    return (features - start) / 60, (time.perf_counter() - features) / 60
 
 
 def evaluate(ckpt, data_dir, root, max_images):
@@ -76,11 +82,11 @@ def main():
         common += [f"+trainer.limit_val_batches={a.limit_val}", f"eval_max_images={a.limit_val}"]
     for name in a.models.split(","):
         run_dir = work / name
-        minutes = train(run_dir, [*common, f"model={name}", *user])
+        extract, minutes = train(run_dir, [*common, f"model={name}", *user])
         ckpt = run_dir / "checkpoints" / "best.ckpt"
         metrics, report = evaluate(ckpt, a.data_dir, root, a.limit_val)
         print(json.dumps({"model": name, **{m: round(metrics[m], 4) for m in METRICS},
-                          "minutes_train": round(minutes, 2), "parameters": parameters(ckpt), "device": device,
+                          "minutes_train": round(minutes, 2), "minutes_features": round(extract, 2), "parameters": parameters(ckpt), "device": device,
                           "epochs": a.epochs, "val_images": report.get("images"), "decode": report.get("decode")}),
               flush=True)
     print(f"runs in {work}", file=sys.stderr)
