@@ -3,6 +3,8 @@
 Arguments without `=` are image files or folders; the others are overrides of conf/caption.yaml.
 Prints `path<TAB>caption` per image (with n_best > 1: each caption followed by its probability), or writes JSON
 with `output=`. Unreadable files are reported one line each and skipped; the exit status is then 1.
+With `attention=true` (attention models: model=show_attend_tell, transformer) each image's first caption is also
+drawn as `<image stem>.attention.png` beside the image: the image and, per word, where the model looked.
 """
 import json
 import os
@@ -11,6 +13,7 @@ from pathlib import Path
 
 from captioner import checks
 from captioner.cli import compose_config, one_line_errors, show_help
+from captioner.evaluation.attention import write_attention_png
 from captioner.models.decoding import decode_options
 from captioner.serving.inference import IMAGE_SUFFIXES, Captioner, open_image
 from captioner.utils import CaptionerError, atomic_write_text
@@ -47,6 +50,15 @@ def caption_files(captioner: Captioner, files, batch_size=64, **decode):
                 yield f, caps, None
 
 
+def draw_attention(captioner: Captioner, path: Path, caption: str) -> Path:
+    """Writes `caption`'s attention maps over the image at `path` beside it, as <stem>.attention.png."""
+    image = open_image(path)  # opened again: one image in memory at a time, as captioning has it
+    rows = captioner.attention(captioner.features([image]), [caption])[0]
+    out = path.with_name(f"{path.stem}.attention.png")
+    write_attention_png(out, image, caption, rows)
+    return out
+
+
 @one_line_errors
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
@@ -65,6 +77,9 @@ def main(argv=None):
         raise CaptionerError(f"no image files found in {', '.join(paths)}"
                              f"{f' ({len(unreadable)} folders could not be read)' if unreadable else ''}.")
     captioner = Captioner(cfg.ckpt_path, cfg.device)
+    if cfg.attention and not captioner.has_attention:
+        raise CaptionerError(f"attention=true needs a model with attention (model=show_attend_tell or transformer); "
+                             f"{captioner.ckpt_path} holds a {captioner.info['model']} model, which has none.")
     results, failed = [], 0
     for path, caps, error in caption_files(captioner, files, cfg.batch_size, **decode_options(cfg)):
         if error:
@@ -72,6 +87,8 @@ def main(argv=None):
             print(f"{path}\terror: {error}", file=sys.stderr)
             continue
         results.append({"path": str(path), "captions": [{"caption": c, "probability": p} for c, p in caps]})
+        if cfg.attention:
+            results[-1]["attention"] = str(draw_attention(captioner, path, caps[0][0]))
         if not cfg.output:
             if cfg.n_best > 1 and cfg.temperature is None:
                 print(f"{path}\t" + "\t".join(f"{c}\t{p:.4f}" for c, p in caps))
@@ -80,6 +97,8 @@ def main(argv=None):
     if cfg.output:
         atomic_write_text(cfg.output, json.dumps({"checkpoint": str(captioner.ckpt_path), "results": results}, indent=1))
         print(f"Wrote {len(results)} captions to {cfg.output}", file=sys.stderr)
+    if cfg.attention:
+        print(f"Wrote {len(results)} attention maps beside the images (<stem>.attention.png).", file=sys.stderr)
     if failed or unreadable:
         folders = f"; {len(unreadable)} folders could not be read" if unreadable else ""
         sys.exit(f"{failed} of {len(files)} images could not be read{folders}.")

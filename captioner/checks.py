@@ -125,6 +125,7 @@ def decoding(cfg, max_beam_size=None):
 def check_caption(cfg):
     decoding(cfg)
     integer(cfg, "batch_size", 1)
+    boolean(cfg, "attention")
     device(cfg)
     text(cfg, "ckpt_path")
     if cfg.output is not None:

@@ -1,7 +1,9 @@
 """Serve a trained captioner: `python -m captioner.serve ckpt_path=outputs/.../last.ckpt port=8000`.
 
 GET / is a page to caption an image in the browser. POST /api/caption takes a multipart `file` (optional form
-fields `beam_size`, `n_best`) and answers {"captions": [{"caption", "probability"}, ...], "model": {...}}.
+fields `beam_size`, `n_best`) and answers {"captions": [{"caption", "probability"}, ...], "model": {...}}. With an
+attention model each caption also has "attention": {"words": its words and <end>, "grid": [H, W], "maps": per word
+its weights over the H x W grid, row-major, 3 decimals}; the page draws them over the image.
 GET /health says whether the model is ready; /docs is FastAPI's OpenAPI page. Overrides are keys of conf/serve.yaml.
 
 Requests arriving within `batch_window_ms` of each other share one encoder forward pass; inference runs in one
@@ -26,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 
 from captioner import checks
 from captioner.cli import compose_config, one_line_errors, show_help
+from captioner.evaluation.attention import END_WORD, grid_shape
 from captioner.models.decoding import decode_options
 from captioner.serving.admission import Admission, HeaderTimeout
 from captioner.serving.inference import Captioner
@@ -123,8 +126,13 @@ class Batcher:
         for (beam_size, n_best), index in groups.items():
             captions = self.captioner.caption_features(features[index], beam_size=beam_size, n_best=n_best,
                                                        **self.decode)
-            for i, caps in zip(index, captions):
-                results[i] = caps
+            maps = [None] * len(index)
+            if self.captioner.has_attention:  # one teacher-forced pass over every caption of the group
+                rows = iter(self.captioner.attention(features[[i for i, caps in zip(index, captions) for _ in caps]],
+                                                     [c for caps in captions for c, _ in caps]))
+                maps = [[next(rows) for _ in caps] for caps in captions]
+            for i, caps, m in zip(index, captions, maps):
+                results[i] = caps, m
         return results
 
 
@@ -189,15 +197,25 @@ def create_app(captioner: Captioner, cfg) -> FastAPI:
                                             captioner.preprocess["image_size"])
             del data
         try:
-            captions = await batcher.caption(image, beam_size, n_best)
+            captions, maps = await batcher.caption(image, beam_size, n_best)
         except HTTPException:  # the queue is full: 503 with Retry-After
             raise
         except Exception as e:  # logged here; the client gets a JSON 500 and the server goes on
             log.exception("captioning failed")
             raise HTTPException(500, f"captioning failed: {type(e).__name__}") from None
-        return {"captions": [{"caption": c, "probability": p} for c, p in captions], "model": captioner.info}
+        answer = [{"caption": c, "probability": p} for c, p in captions]
+        for a, rows in zip(answer, maps or []):
+            a["attention"] = attention_json(a["caption"], rows)
+        return {"captions": answer, "model": captioner.info}
 
     return app
+
+
+def attention_json(caption: str, rows) -> dict:
+    """A caption's attention rows [words + 1, N] for the page: at most (max_len + 1) x N numbers (21 x 49 for a
+    7 x 7 grid, about 6 KB of JSON)."""
+    return {"words": caption.split() + [END_WORD], "grid": list(grid_shape(rows.shape[1])),
+            "maps": rows.astype(float).round(3).tolist()}  # float64: 0.001, not 0.0010000000474974513
 
 
 def uvicorn_config(app, cfg, **settings):

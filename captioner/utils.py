@@ -71,6 +71,10 @@ def atomic_write_text(path, text: str) -> None:
     _atomic(path, lambda tmp: tmp.write_text(text))
 
 
+def atomic_write_bytes(path, data: bytes) -> None:
+    _atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
 def atomic_write_json(path, data, indent=1) -> None:
     """JSON as the standard has it: a NaN or inf in `data` is an error here (write null: `finite`), not a bare
     NaN that other JSON readers refuse."""

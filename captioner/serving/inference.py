@@ -10,6 +10,7 @@ from PIL import Image
 
 from captioner.checkpoint import check_device, load_checkpoint, resolve_checkpoint
 from captioner.data.vocab import Vocabulary
+from captioner.evaluation.attention import attention_rows, has_attention
 from captioner.features.encoders import build_encoder, preprocessing
 from captioner.features.extraction import with_kind
 from captioner.models import load_model, model_entry
@@ -67,6 +68,15 @@ class Captioner:
 
     def caption(self, images, **decode):
         return self.caption_features(self.features(images), **decode)
+
+    @property
+    def has_attention(self) -> bool:
+        return has_attention(self.model)
+
+    def attention(self, features, captions) -> list:
+        """Grid features [B, N, D] and one caption per row -> per caption its attention rows [words + 1, N]
+        (captioner.evaluation.attention.attention_rows)."""
+        return attention_rows(self.model, self.vocab, features.to(self.device), captions)
 
 
 def open_image(path) -> Image.Image:

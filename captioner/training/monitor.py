@@ -160,7 +160,7 @@ class CaptionMonitor(Callback):
             from captioner.evaluation.metrics import score  # pycocoevalcap: only when scoring (bare GPU machines lack it)
 
             metrics = {k: v for k, v in score(results, references, spice=False).items() if k in LOGGED}
-            self.log_samples(trainer, dm, results, references)
+            self.log_samples(trainer, dm, results, references, pl_module)
         metrics = trainer.strategy.broadcast(metrics)
         for name, value in metrics.items():
             pl_module.log(f"val/{name}", value)
@@ -168,25 +168,41 @@ class CaptionMonitor(Callback):
             log.info("Epoch %d validation captions: %s", trainer.current_epoch,
                      ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
 
-    def log_samples(self, trainer, dm, results, references):
+    def log_samples(self, trainer, dm, results, references, pl_module=None):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers:
             return
         tb, step = loggers[0].experiment, trainer.global_step
         lines = ["| image | generated | references |", "| --- | --- | --- |"]
-        for r in results[:self.samples]:
+        rows = self.attention(pl_module, dm, results[:self.samples]) if pl_module is not None else None
+        for n, r in enumerate(results[:self.samples]):
             refs = " / ".join(references[r["image_id"]])
             lines.append(f"| {r['image_id']} | {r['caption']} | {refs} |")
             path = dm.val_paths.get(r["image_id"])
             try:
                 with Image.open(path) as im:
                     im = to_rgb(im)
+                    if rows is not None:  # attention models: where each word looked (Figure 2 style)
+                        from captioner.evaluation.attention import attention_figure
+
+                        tb.add_figure(f"attention/{r['image_id']}", attention_figure(im, r["caption"], rows[n]), step)
                     im.thumbnail((256, 256))
                     tb.add_image(f"samples/{r['image_id']}", np.asarray(im), step, dataformats="HWC")
             except (OSError, TypeError, ValueError):
                 pass  # a sample picture is a nicety; its caption is still in the table
             tb.add_text(f"samples/{r['image_id']}", f"**{r['caption']}** — {refs}", step)
         tb.add_text("val/samples", "\n".join(lines), step)
+
+    @staticmethod
+    def attention(pl_module, dm, results):
+        """The attention rows of the first validation images' captions (val_images' order), or None."""
+        from captioner.evaluation.attention import attention_rows, has_attention
+
+        if not results or not has_attention(pl_module.model):
+            return None
+        feats, _ = dm.val_images(len(results))
+        return attention_rows(pl_module.model, pl_module.vocab, feats.to(pl_module.device),
+                              [r["caption"] for r in results])
 
 
 class LossProgressBar(TQDMProgressBar):
