@@ -149,9 +149,12 @@ def twenty_real_photos(tmp_path):
 def test_the_flickr8k_experiment_composes_its_recipe_and_passes_the_checks(tmp_path):
     cfg = make_cfg(tmp_path / "data", tmp_path / "run", "experiment=flickr8k")
     assert cfg.data.name == "flickr8k" and str(cfg.data.root).endswith("flickr8k/images")
-    assert (cfg.vocab_min_count, cfg.caption_idx, cfg.checkpoint_monitor, cfg.epochs) == (5, -1, "val/CIDEr", 25)
+    assert (cfg.vocab_min_count, cfg.caption_idx, cfg.seq_per_img, cfg.checkpoint_monitor) == (5, -1, 5, "val/CIDEr")
     training_checks.check_run(cfg)
     training_checks.check_recipes(cfg)
+    scst = make_cfg(tmp_path / "data", tmp_path / "run", "experiment=flickr8k_scst", "init_from=some.ckpt")
+    assert (scst.objective, scst.seq_per_img, scst.data.name, scst.label_smoothing) == ("scst", 1, "flickr8k", 0.0)
+    training_checks.check_run(scst)
 
 
 @pytest.mark.slow
@@ -169,6 +172,14 @@ def test_the_flickr8k_experiment_trains_on_real_photos(tmp_path):
             for word in sentence["tokens"]:
                 counts[word] = counts.get(word, 0) + 1
     assert 0 < words <= sum(c >= 5 for c in counts.values())  # vocab_min_count=5 reached the vocabulary
+    # its SCST stage, as benchmarks/flickr8k.py runs it: from that checkpoint, one epoch, scored on val
+    scst = make_cfg(tmp_path / "data", tmp_path / "scst", "experiment=flickr8k_scst", f"data.root={FLICKR8K / 'images'}",
+                    f"data.split_file={split_file}", "epochs=1", "hidden_size=32", "encoder.num_workers=0",
+                    f"init_from={tmp_path / 'run' / 'checkpoints' / 'best.ckpt'}", "trainer.enable_progress_bar=false",
+                    "trainer.enable_model_summary=false")
+    train(scst)
+    metrics = json.loads((tmp_path / "scst" / "metrics.json").read_text())
+    assert metrics["steps"] == 1 and 0 <= metrics["val/CIDEr"] < 10  # 12 images: one batch of 5 samples each
 
 
 @pytest.mark.slow
