@@ -128,7 +128,8 @@ def test_a_burst_of_ctrl_c_ends_with_one_line(data_dir, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "captioner.run", "experiment=smoke", "epochs=10000", "eval_every=0",
                           f"paths.data_dir={data_dir}", f"hydra.run.dir={run_dir}",
                           "trainer.enable_progress_bar=false"],
-                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     deadline = time.monotonic() + 300
     while not (run_dir / "checkpoints" / "best.ckpt").exists() and p.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)

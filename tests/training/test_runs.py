@@ -46,7 +46,13 @@ def start_run(data_dir, run_dir, *overrides):
     return subprocess.Popen([sys.executable, "-m", "captioner.run", "experiment=smoke", f"paths.data_dir={data_dir}",
                              f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false", "logger=none",
                              "eval_every=0", *overrides], env=env, cwd=run_dir.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+
+
+def default_sigint():
+    """A child of a process that ignores SIGINT inherits the ignoring (a browser test's launcher leaves it so), and
+    Python then installs no KeyboardInterrupt handler: the run must start as from a terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.mark.slow
