@@ -38,7 +38,8 @@ class CaptionModel(nn.Module):
 
     @property
     def vocab_size(self) -> int:
-        raise NotImplementedError
+        """By default the output layer's size: models name their output Linear `out`."""
+        return self.out.out_features
 
     def initial_state(self, features):
         """Image features [B, feature_dim] (grid: [B, N, feature_dim]) -> the decoding state before the first word."""
@@ -49,8 +50,8 @@ class CaptionModel(nn.Module):
         raise NotImplementedError
 
     def logits(self, hidden):
-        """Hidden outputs [..., H] -> next-word scores [..., vocab_size]."""
-        raise NotImplementedError
+        """Hidden outputs [..., H] -> next-word scores [..., vocab_size] (by default, the output Linear `out`)."""
+        return self.out(hidden)
 
     def step(self, words, state):
         """One decoding step: previous words [B] and the state -> next-word scores [B, vocab_size], the new state."""

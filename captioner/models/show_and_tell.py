@@ -28,17 +28,10 @@ class ShowAndTell(CaptionModel):
         self.out = nn.Linear(hidden_size, vocab_size)
         self.drop = nn.Dropout(dropout)  # on the word vectors and on the RNN output before `out` (training only)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.out.out_features
-
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
         self.layer_weights = self.rnn.all_weights  # the RNN's current Parameter objects, after a move or a cast
         return self
-
-    def logits(self, hidden):
-        return self.out(hidden)
 
     def initial_state(self, features):
         """The features become the hidden state of every layer; an LSTM's cell state starts at zero."""

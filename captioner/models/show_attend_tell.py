@@ -43,13 +43,6 @@ class ShowAttendTell(CaptionModel):
         self.drop = nn.Dropout(dropout)  # before the output layer (training only)
         self.out = nn.Linear(hidden_size, vocab_size)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.out.out_features
-
-    def logits(self, hidden):
-        return self.out(hidden)
-
     def initial_state(self, features):
         mean = features.mean(1)
         return torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean)), features, self.att_grid(features)

@@ -90,13 +90,6 @@ class Transformer(CaptionModel):
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(d_model, vocab_size)
 
-    @property
-    def vocab_size(self) -> int:
-        return self.out.out_features
-
-    def logits(self, hidden):
-        return self.out(hidden)
-
     def initial_state(self, features):
         """Grid features [B, N, D] -> per layer: the grid's keys and values and the (empty) word keys and values."""
         if features.dim() != 3:
