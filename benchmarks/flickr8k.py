@@ -36,13 +36,15 @@ def train(run_dir, overrides):
     return (time.perf_counter() - start) / 60
 
 
-def evaluate(ckpt, data_dir, root):
-    """Every val image captioned with the default decoding (conf/decode/beam.yaml) -> (metrics, captions, minutes)."""
+def evaluate(ckpt, data_dir, root, max_images=None):
+    """Every val image (or the first `max_images`) captioned with the default decoding (conf/decode/beam.yaml: beam 3)
+    -> (metrics, captions, minutes, the decoding)."""
     from captioner.evaluate import compose_evaluate, evaluate_checkpoint
 
     start = time.perf_counter()
+    limit = [] if max_images is None else [f"max_images={max_images}"]
     cfg, checkpoint = compose_evaluate([f"ckpt_path={ckpt}", f"paths.data_dir={data_dir}", f"data.root={root}",
-                                        "split=val", "spice=false"])
+                                        "split=val", "spice=false", *limit])
     metrics, report, _ = evaluate_checkpoint(cfg, checkpoint)
     captions = [r["caption"] for r in json.loads(Path(report["results"]).read_text())]
     return metrics, captions, (time.perf_counter() - start) / 60, report["decode"]

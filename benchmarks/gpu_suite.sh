@@ -56,6 +56,9 @@ step beam 90 python3 benchmarks/beam_search.py --repeats 3
 BENCH=$(cps train)
 step cli_loop 150 python3 benchmarks/cli_loop.py --scale "$SCALE" ${CLI_EXTRA:-} ${BENCH:+--bench-cps $BENCH}
 step train_bare 150 python3 benchmarks/train_throughput.py --scale "$SCALE" --bare --no-reference  # what the Trainer costs
+# issue 28: a COCO-sized epoch of each attention model (7 x 7 x 2048 grids), beside `train`'s Show and Tell epoch_s
+step train_sat 300 python3 benchmarks/train_throughput.py --scale "$SCALE" --model show_attend_tell --epochs 2
+step train_transformer 300 python3 benchmarks/train_throughput.py --scale "$SCALE" --model transformer --epochs 2
 if [ -f .bench/gpudata.json ]; then
   python3 benchmarks/gpu_data.py restore > "$OUT/gpudata.log" 2>&1
   CAPTIONER_DATA_DIR=/tmp/captioner-gpudata step shapes 100 python3 benchmarks/cli_loop.py --shapes

@@ -10,6 +10,11 @@ COCO-like caption lengths, vocabulary 10,000, embedding 300, LSTM 512, batch 256
     python benchmarks/train_throughput.py --scale coco --compile graphs   # the opt-in CUDA-graphed step
     python benchmarks/train_throughput.py --scale coco --compile reduce-overhead   # the opt-in compiled loss
     python benchmarks/train_throughput.py --bare          # also the same module and batches in a plain loop
+    python benchmarks/train_throughput.py --scale coco --model show_attend_tell   # an attention model's epoch
+
+--model show_attend_tell or transformer (their conf/model defaults) trains on 7 x 7 grids of 2048-d vectors, one grid
+per 5 captions (COCO's images), a ResNet-50's map; they have no reference loop, so epoch_s is their figure, to set
+beside Show and Tell's on the same machine.
 
 The reference is ../shared/bench/ref_limits.py, or `--ref PATH` / $CAPTIONER_REF (benchmarks/reference.py).
 
@@ -36,6 +41,7 @@ from captioner.data.vocab import SPECIALS
 from reference import reference_path, run_reference
 
 COCO_N, FEAT, EMB, HID, V, BS = 118_287, 2048, 300, 512, 10_000, 256
+GRID, PER_IMAGE = 49, 5  # attention models: a 7 x 7 grid per image, 5 captions per image as in COCO
 
 
 def caption_arrays(n, seed=0, g=None):
@@ -55,19 +61,23 @@ def caption_arrays(n, seed=0, g=None):
     return np.bincount(caption[keep], minlength=n), words[keep]
 
 
-def synthetic(n, folder, seed=0):
-    """Features memory-mapped from disk and token arrays with COCO-like lengths (as ref_limits.py draws them)."""
+def synthetic(n, folder, seed=0, grid=False):
+    """Features memory-mapped from disk and token arrays with COCO-like lengths (as ref_limits.py draws them).
+    `grid`: a [GRID, FEAT] map per image, each shared by PER_IMAGE consecutive captions."""
     g = torch.Generator().manual_seed(seed)
     lengths, words = caption_arrays(n, g=g)
     path = Path(folder) / "features.npy"
-    feats = np.lib.format.open_memmap(path, "w+", np.float16, (n, FEAT))
-    for s in range(0, n, 8192):
-        feats[s:s + 8192] = torch.randn(min(8192, n - s), FEAT, generator=g).numpy()
+    rows, shape = (-(-n // PER_IMAGE), (GRID, FEAT)) if grid else (n, (FEAT,))
+    feats = np.lib.format.open_memmap(path, "w+", np.float16, (rows, *shape))
+    chunk = 8192 // (GRID if grid else 1)
+    for s in range(0, rows, chunk):
+        feats[s:s + chunk] = torch.randn(min(chunk, rows - s), *shape, generator=g).numpy()
     feats.flush()
     del feats
     feats = np.load(path, mmap_mode="r")
     ones = np.ones(n, dtype=np.int64)
-    return CaptionBatches(feats, np.arange(n), (words + len(SPECIALS)).astype(np.int64),
+    feat_rows = np.arange(n) // PER_IMAGE if grid else np.arange(n)
+    return CaptionBatches(feats, feat_rows, (words + len(SPECIALS)).astype(np.int64),
                           np.concatenate([[0], np.cumsum(lengths)]), np.arange(n), ones)
 
 
@@ -85,16 +95,17 @@ class EpochTimer(Callback):
         self.times.append(time.perf_counter() - self.start)
 
 
-def make_module(compile=False):
+def make_module(compile=False, model="show_and_tell"):
+    """Show and Tell as the reference's (LSTM 512); another model with its conf/model/ defaults."""
+    args = {"hidden_size": HID, "rnn_type": "lstm"} if model == "show_and_tell" else {"model": {"name": model}}
     return CaptionModule(SPECIALS + [f"w{i}" for i in range(V)], FEAT, preprocess={},
-                         embeddings={"name": "learned", "dim": EMB}, hidden_size=HID, rnn_type="lstm",
-                         learning_rate=1e-4, compile=compile)
+                         embeddings={"name": "learned", "dim": EMB}, learning_rate=1e-4, compile=compile, **args)
 
 
-def run_captioner(ds, epochs, max_steps, compile=False):
+def run_captioner(ds, epochs, max_steps, compile=False, model="show_and_tell"):
     dm = CaptionDataModule(datasets={"train": ds, "val": ds}, batch_size=BS, shuffle=True,
                            pad_to=8 if compile else 1, pad_real=compile == "graphs")
-    module = make_module(compile)
+    module = make_module(compile, model)
     cuda = torch.cuda.is_available()
     timer = EpochTimer()
     trainer = pl.Trainer(accelerator="auto", devices=1, precision="bf16-mixed" if cuda else "32-true",
@@ -111,7 +122,7 @@ def run_captioner(ds, epochs, max_steps, compile=False):
     return cps
 
 
-def bare_loop(ds):
+def bare_loop(ds, model="show_and_tell"):
     """The batches (assembled on the device on a GPU) and a step function of the same loss and optimizer as the
     Trainer run's, for a plain loop: step(batch) -> loss."""
     cuda = torch.cuda.is_available()
@@ -119,7 +130,7 @@ def bare_loop(ds):
     if cuda and ds.device_ids is None:
         ds.to_device(device)  # as CaptionDataModule places resident features (the Trainer run did it already)
     loader = CaptionDataModule(datasets={"train": ds}, batch_size=BS, shuffle=True)._loader("train", True)
-    module = make_module().to(device)
+    module = make_module(model=model).to(device)
     opt = module.configure_optimizers()["optimizer"]  # the Trainer run's: AMSGrad Adam, fused on a GPU
 
     def step(batch):
@@ -133,9 +144,9 @@ def bare_loop(ds):
     return loader, step
 
 
-def run_bare(ds, epochs):
+def run_bare(ds, epochs, model="show_and_tell"):
     """The same loss, batches and optimizer as run_captioner, in a plain loop."""
-    loader, step = bare_loop(ds)
+    loader, step = bare_loop(ds, model)
     times = []
     for _ in range(epochs):
         start = time.perf_counter()
@@ -179,19 +190,21 @@ def main():
     p.add_argument("--compile", default="false", help="the module's compile setting: false, true, graphs or a "
                                                        "torch.compile mode")
     p.add_argument("--bare", action="store_true", help="also time the same step in a plain loop (no Trainer)")
+    p.add_argument("--model", default="show_and_tell", choices=["show_and_tell", "show_attend_tell", "transformer"])
     a = p.parse_args()
     compile = compile_setting(a.compile)
     n = COCO_N if a.scale == "coco" else 4_096
     epochs = a.epochs or (4 if torch.cuda.is_available() else 2)
     with tempfile.TemporaryDirectory() as folder:
-        ds = synthetic(n, folder)
-        cps = run_captioner(ds, epochs, a.max_steps, compile)
+        ds = synthetic(n, folder, grid=a.model != "show_and_tell")
+        cps = run_captioner(ds, epochs, a.max_steps, compile, a.model)
         peak = peak_rss_mb()
-        bare = run_bare(ds, epochs) if a.bare else None
-    ref = None if a.no_reference else run_reference(reference_path(a.ref), "--scale", a.scale,
-                                                    "--skip", "seed,beam,extract,decode")
+        bare = run_bare(ds, epochs, a.model) if a.bare else None
+    skip = a.no_reference or a.model != "show_and_tell"  # the reference loop is Show and Tell's
+    ref = None if skip else run_reference(reference_path(a.ref), "--scale", a.scale,
+                                          "--skip", "seed,beam,extract,decode")
     result = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-              "torch": torch.__version__, "scale": a.scale, "captions": n, "compile": compile,
+              "torch": torch.__version__, "model": a.model, "scale": a.scale, "captions": n, "compile": compile,
               "captions_per_s": round(cps, 1), "epoch_s": round(COCO_N / cps, 2), "peak_rss_mb": round(peak)}
     if bare:
         result.update(bare_captions_per_s=round(bare, 1), trainer_share=round(cps / bare, 3))

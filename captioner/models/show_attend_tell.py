@@ -17,10 +17,14 @@ from captioner.models.layers import WordEmbedding
 
 
 def attention_penalty(alpha, real, weight: float = 1.0):
-    """The doubly stochastic regulariser: weight * mean over the batch of sum_n (1 - sum_t alpha_tn)^2, the sum over t
-    running over the real (non-pad) steps only. alpha [B, T, N], real [B, T] bool."""
+    """The doubly stochastic regulariser: weight * the mean over images and grid vectors n of (1 - sum_t alpha_tn)^2,
+    the sum over t running over the real (non-pad) steps only. alpha [B, T, N], real [B, T] bool.
+
+    A mean over the grid, as sgrvinod's tutorial takes it, not the paper's sum: beside a cross-entropy per word (~3),
+    a sum over 49 vectors (~28 for 12 words) outweighs it, and on Flickr8k it drove every word's attention to
+    uniform (entropy 3.88 of 3.89 nats)."""
     total = (alpha * real[..., None]).sum(1)  # [B, N]: the attention each grid vector got over the caption
-    return weight * ((1 - total) ** 2).sum(1).mean()
+    return weight * ((1 - total) ** 2).mean()
 
 
 @register_model("show_attend_tell")

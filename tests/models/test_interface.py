@@ -6,6 +6,7 @@ import re
 import resource
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -68,6 +69,26 @@ def test_an_old_checkpoint_is_a_show_and_tell_with_its_weights_unchanged():
     weights = {f"model.{k}": v for k, v in model.state_dict().items()}
     assert weights.keys() == ckpt["state_dict"].keys()
     assert all(torch.equal(v, ckpt["state_dict"][k]) for k, v in weights.items())
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+# A Show and Tell trained (experiment=smoke, 40 epochs) at 9453cc2, the commit before the attention models, and
+# what that commit's Captioner answered for 12 of its val images' features (fp16 beside it): see "Golden captions".
+PRE_ATTENTION = FIXTURES / "show_and_tell-9453cc2.ckpt"
+
+
+def test_a_show_and_tell_checkpoint_from_before_the_attention_models_captions_the_same_words():
+    features = torch.from_numpy(np.load(FIXTURES / "show_and_tell-9453cc2-val-features.npy").astype(np.float32))
+    then = json.loads((FIXTURES / "show_and_tell-9453cc2-captions.json").read_text())
+    captioner = Captioner(PRE_ATTENTION, "cpu")
+    now = {"beam3_n3": captioner.caption_features(features, beam_size=3, n_best=3, no_repeat_ngram_size=0),
+           "greedy": captioner.caption_features(features, beam_size=1, no_repeat_ngram_size=0),
+           "sample": captioner.caption_features(features, temperature=1.0, seed=0, no_repeat_ngram_size=0)}
+    assert len({c for rows in then.values() for row in rows for c, _ in row}) > 5  # not one caption for all
+    for decoding, rows in then.items():
+        assert [[c for c, _ in row] for row in now[decoding]] == [[c for c, _ in row] for row in rows], decoding
+        assert np.allclose([p for row in now[decoding] for _, p in row], [p for row in rows for _, p in row],
+                           atol=1e-5), decoding
 
 
 def test_declared_sizes_are_checked_against_the_tensors_before_the_model_is_built(tmp_path):

