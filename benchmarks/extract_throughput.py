@@ -94,10 +94,10 @@ def main():
     for name in a.encoders.split(","):
         files = ImageFiles([split.image_dir / f for f in split.files], resizing(224), 224)
         images = normalizing(*NORM[name])(torch.stack([files[i][0] for i in range(n)])).to(device)
+        cfg = OmegaConf.create({"name": name, "weights": None if name != "resnet50" else "random", "image_size": 224,
+                                "mean": NORM[name][0], "std": NORM[name][1]})
         for kind in a.kinds.split(","):
             net = encoder_for(name, grid=kind == "grid").to(device)
-            cfg = OmegaConf.create({"name": name, "weights": None if name != "resnet50" else "random",
-                                    "image_size": 224, "mean": NORM[name][0], "std": NORM[name][1]})
             with torch_threads(threads):
                 before, _ = forward(net, images, a.batch_size)
             with tempfile.TemporaryDirectory() as cache:

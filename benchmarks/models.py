@@ -38,13 +38,6 @@ def features(overrides) -> float:
     return (time.perf_counter() - start) / 60
 
 
-def parameters(ckpt) -> int:
-    from captioner.checkpoint import load_checkpoint
-    from captioner.models import load_model
-
-    return sum(p.numel() for p in load_model(load_checkpoint(ckpt), ckpt).parameters())
-
-
 def per_model(settings) -> dict:
     """["transformer:learning_rate=5e-4", ...] -> {"transformer": ["learning_rate=5e-4"], ...}"""
     out = {}
@@ -57,27 +50,23 @@ def per_model(settings) -> dict:
 
 
 def stage(name, run_dir, overrides, a, root, device, **extra) -> dict:
-    """Train one run, evaluate its best checkpoint on val, print and return its JSON line."""
+    """Train one run, then score its best checkpoint on val (`scored`)."""
     minutes = train(run_dir, overrides)
-    ckpt = run_dir / "checkpoints" / "best.ckpt"
-    metrics, captions, _, decode = evaluate(ckpt, a.data_dir, root, a.limit_val)
-    line = {"model": name, **{m: round(metrics[m], 4) for m in METRICS}, "minutes_train": round(minutes, 2),
-            **extra, "parameters": parameters(ckpt), "device": device, "val_images": len(captions),
-            "decode": decode, "overrides": [o for o in overrides if not o.startswith(("data.root", "paths."))],
-            "ckpt": str(ckpt)}
-    print(json.dumps(line), flush=True)
-    return line
+    return scored(run_dir / "checkpoints" / "best.ckpt", a, root, device, name, minutes_train=round(minutes, 2),
+                  **extra, overrides=[o for o in overrides if not o.startswith(("data.root", "paths."))])
 
 
-def evaluated(ckpt, a, root, device) -> dict:
-    """The JSON line of an earlier run's checkpoint (its scores; no training figures)."""
+def scored(ckpt, a, root, device, name=None, **extra) -> dict:
+    """Evaluate `ckpt` on val; print and return its JSON line (`name`: by default the checkpoint's model)."""
     from captioner.checkpoint import load_checkpoint
-    from captioner.models import model_entry
+    from captioner.models import load_model, model_entry
 
-    name = model_entry(load_checkpoint(ckpt)["hyper_parameters"])["name"]
+    checkpoint = load_checkpoint(ckpt)
+    parameters = sum(p.numel() for p in load_model(checkpoint, ckpt).parameters())
     metrics, captions, _, decode = evaluate(ckpt, a.data_dir, root, a.limit_val)
-    line = {"model": name, **{m: round(metrics[m], 4) for m in METRICS}, "parameters": parameters(ckpt),
-            "device": device, "val_images": len(captions), "decode": decode, "ckpt": str(ckpt)}
+    line = {"model": name or model_entry(checkpoint["hyper_parameters"])["name"],
+            **{m: round(metrics[m], 4) for m in METRICS}, **extra, "parameters": parameters, "device": device,
+            "val_images": len(captions), "decode": decode, "ckpt": str(ckpt)}
     print(json.dumps(line), flush=True)
     return line
 
@@ -114,7 +103,7 @@ def main():
     lines = []
     if a.scst_from:  # the models were trained by earlier runs (e.g. one process per model, side by side)
         names, a.scst = [], True
-        lines.append(evaluated(Path(a.scst_from).resolve(), a, root, device))
+        lines.append(scored(Path(a.scst_from).resolve(), a, root, device))
     for name in names:
         overrides = ["experiment=flickr8k", *common, f"epochs={a.epochs}", f"model={name}", *extra.get(name, []),
                      *user]
